@@ -1,0 +1,152 @@
+"""The ``airway`` console command.
+
+Each subcommand is a thin shell over one Python function that batch scripts can call
+directly (named in the subcommand's help).  Bad input ends with one sentence on stderr and
+exit status 2; an interrupted run exits with 130 and leaves no partial output file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from . import __version__
+from .classes import DEFAULT_SEGMENTAL_GENERATION
+from .errors import AirwayInputError
+from .progress import Cancelled, TextProgressBar
+
+EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
+
+
+def _cmd_phantom(args: argparse.Namespace) -> int:
+    from .phantom import generate_phantom, write_phantom
+
+    phantom = generate_phantom(
+        seed=args.seed,
+        shape_zyx=tuple(args.shape),
+        spacing_zyx=tuple(args.spacing) if args.spacing else None,
+        variant=args.variant,
+        progress=TextProgressBar(),
+    )
+    paths = write_phantom(phantom, args.out)
+    for name, path in paths.items():
+        print(f"{name}: {path}")
+    return 0
+
+
+def _cmd_labels(args: argparse.Namespace) -> int:
+    from .jobs import label_airway_file
+
+    tree = label_airway_file(
+        args.input,
+        args.out,
+        connectivity=args.connectivity,
+        segmental_generation=args.segmental_generation,
+        branches_path=args.branches,
+        progress=TextProgressBar(),
+    )
+    per_class = {c: sum(1 for b in tree.branches if b.airway_class == c) for c in (1, 2, 3)}
+    generations = max((b.generation for b in tree.branches), default=-1) + 1
+    print(
+        f"{len(tree.branches)} branches over {generations} generations "
+        f"(class 1: {per_class[1]}, class 2: {per_class[2]}, class 3: {per_class[3]}) -> {args.out}"
+    )
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from .jobs import evaluate_airway_files, write_json
+
+    metrics = evaluate_airway_files(args.pred, args.gt, tree_json_path=args.tree, mode=args.mode)
+    if args.json == "-":
+        print(json.dumps(metrics.as_dict(), indent=2))
+        return 0
+    print(metrics.table())
+    if args.json:
+        write_json(metrics.as_dict(), args.json)
+        print(f"metrics written to {args.json}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``airway`` command (exposed for documentation and tests)."""
+    parser = argparse.ArgumentParser(
+        prog="airway",
+        description="Airway tree segmentation in chest CT: phantoms, tree labels, evaluation.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    phantom = commands.add_parser(
+        "phantom",
+        help="generate a synthetic chest CT with exact airway ground truth",
+        description="Generate a synthetic chest CT (ct.nii.gz) with its exact airway lumen (airway.nii.gz), "
+        "three-class labels (airway3.nii.gz), lungs (lungs.nii.gz) and branch table (tree.json). "
+        "Python: AirwaySegmentationLib.phantom.generate_phantom + write_phantom.",
+    )
+    phantom.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same phantom")
+    phantom.add_argument("--shape", type=int, nargs=3, default=(256, 256, 256), metavar=("Z", "Y", "X"))
+    phantom.add_argument(
+        "--spacing", type=float, nargs=3, default=None, metavar=("Z", "Y", "X"),
+        help="voxel size in mm (default: 0.8 in-plane, slice spacing from the variant)",
+    )
+    phantom.add_argument("--variant", default="standard", help="scanner variant (see the phantom module for the list)")
+    phantom.add_argument("--out", required=True, type=Path, help="output folder")
+    phantom.set_defaults(run=_cmd_phantom)
+
+    labels = commands.add_parser(
+        "labels",
+        help="three-class labels from a binary airway mask",
+        description="Parse a binary airway mask into a branch tree and write the three anatomy-aware classes "
+        "(1 trachea + main bronchi, 2 lobar to segmental, 3 smaller). The output format follows the name: "
+        ".nii.gz, .nrrd, .mha or .seg.nrrd (Slicer segmentation with named, SNOMED-coded segments). "
+        "Python: AirwaySegmentationLib.jobs.label_airway_file.",
+    )
+    labels.add_argument("--in", dest="input", required=True, type=Path, help="binary airway mask")
+    labels.add_argument("--out", required=True, type=Path, help="three-class label file")
+    labels.add_argument("--connectivity", type=int, choices=(6, 26), default=26)
+    labels.add_argument(
+        "--segmental-generation", type=int, default=DEFAULT_SEGMENTAL_GENERATION,
+        help="deepest generation that is still class 2 (default %(default)s)",
+    )
+    labels.add_argument("--branches", type=Path, default=None, help="also write the branch table as JSON here")
+    labels.set_defaults(run=_cmd_labels)
+
+    evaluate = commands.add_parser(
+        "evaluate",
+        help="ATM'22 metrics of a predicted airway against a reference",
+        description="Tree length detected (TD), branches detected (BD), Dice, precision, ATM'22 score, clDice, "
+        "Betti-0 error, component count, FPR and per-class TD/BD. "
+        "Python: AirwaySegmentationLib.jobs.evaluate_airway_files.",
+    )
+    evaluate.add_argument("--pred", required=True, type=Path, help="predicted airway (nonzero = airway)")
+    evaluate.add_argument("--gt", required=True, type=Path, help="reference airway (binary or three-class)")
+    evaluate.add_argument("--tree", type=Path, default=None, help="phantom tree.json giving the reference classes")
+    evaluate.add_argument(
+        "--mode", choices=("atm22", "atm26"), default="atm22",
+        help="largest component 6-connected (atm22) or 26-connected (atm26)",
+    )
+    evaluate.add_argument("--json", default=None, help="write the metrics as JSON to this file ('-' for stdout only)")
+    evaluate.set_defaults(run=_cmd_evaluate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``airway`` command; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except AirwayInputError as error:
+        print(f"airway {args.command}: error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except (KeyboardInterrupt, Cancelled):
+        print(f"airway {args.command}: interrupted; no partial output was kept.", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())
