@@ -40,6 +40,7 @@ import edt
 import numpy as np
 from scipy.special import expit
 
+from AirwaySegmentationLib.arrays import as_airway_mask, as_spacing_zyx, bounding_box, check_connectivity, grow_box
 from AirwaySegmentationLib.errors import AirwayInputError
 from AirwaySegmentationLib.progress import ProgressCallback, report
 
@@ -47,7 +48,6 @@ from AirwaySegmentationLib.progress import ProgressCallback, report
 DEFAULT_ALPHA_MM = 5.0
 #: Beyond alpha + this margin the attention is below sigmoid(-10) ~ 4.5e-5 (METHODS.md section 2).
 CUTOFF_MARGIN_MM = 10.0
-CONNECTIVITIES = (6, 18, 26)
 
 
 @dataclass(frozen=True)
@@ -106,7 +106,7 @@ def second_nearest_component_distance(
         The mask is not 3-D, the spacing is not three positive sizes, the cutoff is not
         positive or the connectivity is not 6, 18 or 26.
     """
-    mask = _as_mask(mask_zyx)
+    mask = as_airway_mask(mask_zyx)
     distance = np.full(mask.shape, cutoff_mm, dtype=np.float32)
     region, _, second = _nearest_two_in_region(mask, spacing_zyx, cutoff_mm, connectivity, progress)
     if region is not None:
@@ -159,7 +159,7 @@ def breakage_attention(
     >>> round(float(attention[0, 0, 5]), 3)             # H = 3 mm at the gap's voxel 5
     0.881
     """
-    mask = _as_mask(mask_zyx)
+    mask = as_airway_mask(mask_zyx)
     if not np.isfinite(alpha_mm):
         raise AirwayInputError(f"Attention range alpha {alpha_mm} mm is not a finite number; use e.g. 5.")
     cutoff = alpha_mm + CUTOFF_MARGIN_MM if cutoff_mm is None else cutoff_mm
@@ -211,7 +211,7 @@ def find_attention_blobs(
         raise AirwayInputError(
             f"Expected a 3-D attention map but got an array with {attention.ndim} dimensions; give one 3-D volume."
         )
-    _check_connectivity(connectivity)
+    check_connectivity(connectivity)
     labels, count = cc3d.connected_components(attention > threshold, connectivity=connectivity, return_N=True)
     if count == 0:
         return []
@@ -250,14 +250,14 @@ def _nearest_two_in_region(
     every voxel is farther than the cutoff from all components.  ``(None, None, None)`` for
     fewer than two components.  ``mask`` is bool, shape (Z, Y, X).
     """
-    spacing = _as_spacing(spacing_zyx)
+    spacing = as_spacing_zyx(spacing_zyx)
     if not (np.isfinite(cutoff_mm) and cutoff_mm > 0):
         raise AirwayInputError(f"Attention cutoff {cutoff_mm} mm is not usable; expected a positive distance.")
-    _check_connectivity(connectivity)
+    check_connectivity(connectivity)
     # A voxel more than ceil(cutoff / spacing) voxels from a box along one axis is farther
     # than the cutoff from everything in the box.
     reach = np.ceil(cutoff_mm / np.asarray(spacing)).astype(int)
-    region = _grown_box(_bounding_box(mask), reach, mask.shape)
+    region = bounding_box(mask, pad=reach)
     if region is None:
         return None, None, None
     labels, count = cc3d.connected_components(mask[region], connectivity=connectivity, return_N=True)
@@ -269,7 +269,7 @@ def _nearest_two_in_region(
     second = np.full(labels.shape, cutoff_mm, dtype=np.float32)
     for k in range(1, count + 1):
         report(progress, (k - 1) / count, f"Breakage attention: component {k} of {count}")
-        box = _grown_box(tuple((s.start, s.stop) for s in boxes[k]), reach, labels.shape)
+        box = grow_box(boxes[k], reach, labels.shape)
         # D_k inside its grown box: the whole component lies in the box, and edt's default
         # (no black border) ignores the crop's edges, so the distances are exact there.
         distance = edt.edt(labels[box] != k, anisotropy=spacing, black_border=False, parallel=1)
@@ -282,44 +282,3 @@ def _nearest_two_in_region(
     return region, nearest, second
 
 
-def _bounding_box(mask: np.ndarray) -> tuple[tuple[int, int], ...] | None:
-    """(start, stop) per axis of the nonzero voxels; None for an empty mask."""
-    bounds = []
-    for axis in range(mask.ndim):
-        along = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
-        if along.size == 0:
-            return None
-        bounds.append((int(along[0]), int(along[-1]) + 1))
-    return tuple(bounds)
-
-
-def _grown_box(
-    bounds: tuple[tuple[int, int], ...] | None, reach: np.ndarray, shape: tuple[int, ...]
-) -> tuple[slice, ...] | None:
-    """Slices of ``bounds`` grown by ``reach`` voxels per axis, clipped to ``shape``."""
-    if bounds is None:
-        return None
-    return tuple(slice(max(a - r, 0), min(b + r, n)) for (a, b), r, n in zip(bounds, reach, shape))
-
-
-def _as_mask(mask_zyx: np.ndarray) -> np.ndarray:
-    mask = np.asarray(mask_zyx)
-    if mask.ndim != 3:
-        raise AirwayInputError(
-            f"Expected a 3-D airway mask but got an array with {mask.ndim} dimensions; give one 3-D label volume."
-        )
-    return mask if mask.dtype == bool else mask != 0
-
-
-def _as_spacing(spacing_zyx: Sequence[float]) -> tuple[float, float, float]:
-    spacing = np.asarray(spacing_zyx, dtype=float)
-    if spacing.shape != (3,) or not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
-        raise AirwayInputError(
-            f"Voxel spacing {tuple(np.ravel(spacing).tolist())} mm is not usable; expected three positive sizes (z, y, x)."
-        )
-    return tuple(float(v) for v in spacing)
-
-
-def _check_connectivity(connectivity: int) -> None:
-    if connectivity not in CONNECTIVITIES:
-        raise AirwayInputError(f"Connectivity {connectivity} is not supported; use 6, 18 or 26.")

@@ -50,10 +50,10 @@ import edt
 import numpy as np
 from scipy import ndimage
 
+from AirwaySegmentationLib.arrays import as_airway_mask, as_spacing_zyx, bounding_box, check_connectivity
 from AirwaySegmentationLib.errors import AirwayInputError
 from AirwaySegmentationLib.tree import AirwayTree, Branch, parse_airway_tree
 
-from .attention import _as_mask, _as_spacing, _bounding_box, _check_connectivity, _grown_box
 from .attention import _nearest_two_in_region
 
 #: Shortest breakable skeleton: one voxel kept at each end plus at least one broken.
@@ -200,9 +200,9 @@ def simulate_breakage(
     >>> simulation.broken_zyx, simulation.target_zyx, len(simulation.breaks)                # doctest: +SKIP
     """
     label = np.asarray(label_zyx)
-    mask = _as_mask(label)
-    spacing = _as_spacing(spacing_zyx)
-    _check_connectivity(connectivity)
+    mask = as_airway_mask(label)
+    spacing = as_spacing_zyx(spacing_zyx)
+    check_connectivity(connectivity)
     low, high = break_fraction
     if not (0.0 <= peripheral_fraction <= 1.0 and 0.0 < low <= high < 1.0):
         raise AirwayInputError(
@@ -226,7 +226,7 @@ def simulate_breakage(
 
     target = np.zeros(mask.shape, dtype=bool)
     if breaks:
-        box = _grown_box(_bounding_box(tree.mask_zyx), np.ones(3, dtype=int), mask.shape)
+        box = bounding_box(tree.mask_zyx, pad=1)
         breakage = np.zeros(tree.mask_zyx[box].shape, dtype=bool)
         distal = np.zeros_like(breakage)
         offset = np.array([s.start for s in box])
@@ -244,7 +244,7 @@ def simulate_breakage(
         distal_part = airway & ~cut & (to_distal < to_rest)
         # Seam (module docstring): voxels still touching a part after a break are cut too.
         # The distal parts hold their own skeleton voxels, so their box is never empty.
-        near = _grown_box(_bounding_box(distal_part), np.ones(3, dtype=int), distal_part.shape)
+        near = bounding_box(distal_part, pad=1)
         touching = np.zeros_like(distal_part)
         touching[near] = ndimage.binary_dilation(distal_part[near], structure=_STRUCTURE[connectivity])
         target[box] = cut | (airway & ~distal_part & touching)
@@ -298,15 +298,15 @@ def harvest_real_breaks(
     HarvestedBreaks
         The target is empty when the prediction has fewer than two pieces.
     """
-    pred, gt = _as_mask(pred_zyx), _as_mask(gt_zyx)
-    spacing = _as_spacing(spacing_zyx)
+    pred, gt = as_airway_mask(pred_zyx), as_airway_mask(gt_zyx)
+    spacing = as_spacing_zyx(spacing_zyx)
     if pred.shape != gt.shape:
         raise AirwayInputError(
             f"The prediction has shape {pred.shape} but the ground truth has {gt.shape}; give volumes on the same grid."
         )
     if not (np.isfinite(max_gap_mm) and max_gap_mm > 0):
         raise AirwayInputError(f"Largest gap {max_gap_mm} mm is not usable; expected a positive distance.")
-    _check_connectivity(connectivity)
+    check_connectivity(connectivity)
     pieces = cc3d.connected_components(pred, connectivity=connectivity)
     true_pieces = np.isin(pieces, np.unique(pieces[gt & pred]))
     # Distances to the nearest and second-nearest true piece (H: the raw breakage attention,

@@ -53,6 +53,7 @@ import numpy as np
 from skimage.morphology import skeletonize
 
 from .classes import AIRWAY_CLASSES
+from .arrays import bounding_box
 from .errors import AirwayInputError
 from .tree import AirwayTree, parse_airway_tree
 
@@ -226,7 +227,7 @@ def evaluate_airway(
 
     # Background voxels of G over the whole grid, counted before the crop drops some of them.
     background = int(gt.size - np.count_nonzero(gt))
-    box = _union_box(pred, gt)
+    box = bounding_box(pred | gt, pad=1)  # never None: the reference is not empty
     pred, gt = pred[box], gt[box]
     if gt_tree is None:
         gt_tree = parse_airway_tree(gt, spacing_zyx, connectivity=MODE_CONNECTIVITY[mode])
@@ -295,17 +296,6 @@ def _checked_classes(classes_zyx: np.ndarray, shape: tuple[int, ...]) -> np.ndar
             "expected 0 for background and 1-3 for the airway classes."
         )
     return classes.astype(np.uint8)
-
-
-def _union_box(pred: np.ndarray, gt: np.ndarray) -> tuple[slice, ...]:
-    """Bounding box of pred | gt grown by one voxel (the reference is non-empty)."""
-    union = pred | gt
-    box = []
-    for axis in range(3):
-        others = tuple(a for a in range(3) if a != axis)
-        present = np.flatnonzero(union.any(axis=others))
-        box.append(slice(max(int(present[0]) - 1, 0), min(int(present[-1]) + 2, union.shape[axis])))
-    return tuple(box)
 
 
 def _count_and_largest(pred: np.ndarray, connectivity: int) -> tuple[int, np.ndarray]:

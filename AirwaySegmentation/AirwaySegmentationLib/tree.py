@@ -57,14 +57,13 @@ from scipy.spatial import cKDTree
 from skimage.morphology import skeletonize
 
 from . import classes
-from .errors import AirwayInputError
+from .arrays import as_airway_mask, as_spacing_zyx, bounding_box, check_connectivity
 
 #: Skeleton voxels with this many skeleton neighbours or more are junctions (ATM'22).
 JUNCTION_NEIGHBOURS = 3
 #: Skeleton pieces with fewer voxels are spurs and are dropped (ATM'22).
 MIN_PIECE_VOXELS = 5
 #: Connectivities accepted for the largest component (ATM'22: 6; ATM'26: 26).
-CONNECTIVITIES = (6, 18, 26)
 
 ProgressCallback = Callable[[float, str], None]
 
@@ -239,10 +238,9 @@ def parse_airway_tree(
         The mask is not 3-D, the spacing is not three positive sizes, or the connectivity is
         not 6, 18 or 26.
     """
-    mask = _airway_mask(mask_zyx)
-    spacing = _spacing(spacing_zyx)
-    if connectivity not in CONNECTIVITIES:
-        raise AirwayInputError(f"Connectivity {connectivity} is not supported; use 6 (ATM'22), 18 or 26 (ATM'26).")
+    mask = as_airway_mask(mask_zyx)
+    spacing = as_spacing_zyx(spacing_zyx)
+    check_connectivity(connectivity)
     report = progress or (lambda fraction, message: None)
     tree = AirwayTree(
         branches=[],
@@ -253,7 +251,7 @@ def parse_airway_tree(
         trachea_id=None,
     )
     report(0.0, "Selecting the largest airway component")
-    box = _bounding_box(mask)
+    box = bounding_box(mask)
     if box is None:
         report(1.0, "Empty airway mask")
         return tree
@@ -350,7 +348,7 @@ def airway_class_labels(
     numpy.ndarray
         uint8, shape (Z, Y, X), values 0-3, nonzero exactly where ``mask_zyx`` is.
     """
-    mask = _airway_mask(mask_zyx)
+    mask = as_airway_mask(mask_zyx)
     tree = parse_airway_tree(mask, spacing_zyx, connectivity, segmental_generation, progress)
     return covering_class_labels(tree, mask, connectivity, max_gap_mm)
 
@@ -383,11 +381,11 @@ def covering_class_labels(
     numpy.ndarray
         uint8, shape (Z, Y, X), values 0-3, nonzero exactly where ``mask_zyx`` is.
     """
-    mask = _airway_mask(mask_zyx)
+    mask = as_airway_mask(mask_zyx)
     labels = tree.class_labels_zyx()
     labels[~mask] = 0
     rest = mask & ~tree.mask_zyx
-    box = _bounding_box(rest)
+    box = bounding_box(rest)
     if box is None:
         return labels
     offset = np.array([s.start for s in box])
@@ -395,7 +393,7 @@ def covering_class_labels(
     points = np.argwhere(components)
     component_of_point = components[tuple(points.T)].astype(np.int64) - 1
     points += offset
-    tree_box = _bounding_box(tree.mask_zyx)
+    tree_box = bounding_box(tree.mask_zyx)
     surface = np.argwhere(_surface(tree.mask_zyx[tree_box])) + [s.start for s in tree_box]
     spacing = np.asarray(tree.spacing_zyx)
     gap_mm, nearest = cKDTree(surface * spacing).query(points * spacing, workers=-1)
@@ -408,39 +406,7 @@ def covering_class_labels(
     return labels
 
 
-# --- input checks -------------------------------------------------------------------------
-
-
-def _airway_mask(mask_zyx: np.ndarray) -> np.ndarray:
-    mask = np.asarray(mask_zyx)
-    if mask.ndim != 3:
-        raise AirwayInputError(
-            f"Expected a 3-D airway mask but got an array with {mask.ndim} dimensions; give one 3-D label volume."
-        )
-    return mask if mask.dtype == bool else mask != 0
-
-
-def _spacing(spacing_zyx: Sequence[float]) -> tuple[float, float, float]:
-    spacing = np.asarray(spacing_zyx, dtype=float)
-    if spacing.shape != (3,) or not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
-        raise AirwayInputError(
-            f"Voxel spacing {tuple(np.ravel(spacing).tolist())} mm is not usable; expected three positive sizes (z, y, x)."
-        )
-    return tuple(float(v) for v in spacing)
-
-
 # --- volume steps -----------------------------------------------------------------------
-
-
-def _bounding_box(mask: np.ndarray, pad: int = 1) -> tuple[slice, ...] | None:
-    """Slices of the mask's bounding box grown by ``pad`` voxels (clipped to the array); None if empty."""
-    slices = []
-    for axis in range(mask.ndim):
-        along = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
-        if along.size == 0:
-            return None
-        slices.append(slice(max(int(along[0]) - pad, 0), min(int(along[-1]) + 1 + pad, mask.shape[axis])))
-    return tuple(slices)
 
 
 def _largest_filled_component(
@@ -456,7 +422,7 @@ def _largest_filled_component(
     sizes[0] = 0
     component = components == int(np.argmax(sizes))
     # The crop of the whole mask is padded, so the component's padded box fits inside it.
-    inner = _bounding_box(component)
+    inner = bounding_box(component)
     box = tuple(slice(outer.start + s.start, outer.start + s.stop) for outer, s in zip(box, inner))
     return fill_voids.fill(component[inner]), box
 
