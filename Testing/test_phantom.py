@@ -1,0 +1,184 @@
+"""Tests of the synthetic chest CT phantom (small grids so the file runs in well under a minute)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import cc3d
+import numpy as np
+import pytest
+
+from AirwaySegmentationLib.classes import branch_class
+from AirwaySegmentationLib.errors import AirwayInputError
+from AirwaySegmentationLib.phantom import PHANTOM_VARIANTS, generate_phantom, write_phantom
+from AirwaySegmentationLib.volume import read_volume
+
+SMALL = {"shape_zyx": (96, 112, 112), "spacing_zyx": (1.8, 1.8, 1.8)}
+
+
+@pytest.fixture(scope="module")
+def phantom():
+    return generate_phantom(seed=3, **SMALL)
+
+
+@pytest.fixture(scope="module")
+def written(phantom, tmp_path_factory):
+    return write_phantom(phantom, tmp_path_factory.mktemp("phantom"))
+
+
+def test_same_seed_gives_identical_volumes(phantom):
+    again = generate_phantom(seed=3, **SMALL)
+    for name in ("ct", "airway", "airway3", "lungs"):
+        assert np.array_equal(getattr(phantom, name).array_zyx, getattr(again, name).array_zyx), name
+    assert len(again.branches) == len(phantom.branches)
+
+
+def test_different_seed_gives_different_volumes(phantom):
+    other = generate_phantom(seed=4, **SMALL)
+    assert not np.array_equal(phantom.ct.array_zyx, other.ct.array_zyx)
+    assert not np.array_equal(phantom.airway.array_zyx, other.airway.array_zyx)
+
+
+def test_types_and_hu_range(phantom):
+    ct = phantom.ct.array_zyx
+    assert ct.dtype == np.int16 and ct.shape == SMALL["shape_zyx"]
+    assert ct.min() >= -1024 and ct.max() <= 3071
+    for name in ("airway", "airway3", "lungs"):
+        assert getattr(phantom, name).array_zyx.dtype == np.uint8
+    assert set(np.unique(phantom.airway3.array_zyx)) <= {0, 1, 2, 3}
+    # Air outside the body, fat and soft tissue, bone: a chest CT's histogram.
+    assert np.percentile(ct, 5) < -950 and np.percentile(ct, 99.9) > 150
+
+
+def test_written_geometry_reads_back(phantom, written):
+    assert set(written) == {"ct", "airway", "airway3", "lungs", "tree"}
+    for name in ("ct", "airway", "airway3", "lungs"):
+        volume = read_volume(written[name])
+        assert np.array_equal(volume.array_zyx, getattr(phantom, name).array_zyx)
+        assert np.allclose(volume.spacing_zyx, SMALL["spacing_zyx"])
+        # Centred grid: the middle of the volume is the physical origin.
+        centre = volume.geometry.index_zyx_to_physical((np.asarray(SMALL["shape_zyx"]) - 1) / 2.0)
+        assert np.allclose(centre, 0.0, atol=1e-3)
+
+
+def test_airway_truth_is_one_dark_component(phantom):
+    airway = phantom.airway.array_zyx
+    assert np.array_equal(airway > 0, phantom.airway3.array_zyx > 0)
+    assert cc3d.connected_components(airway, connectivity=6, return_N=True)[1] == 1
+    ct = phantom.ct.array_zyx
+    assert ct[airway > 0].mean() < -600
+    # Lumen well inside the big airways (class 1) is air.
+    assert np.median(ct[phantom.airway3.array_zyx == 1]) < -800
+
+
+def test_tree_json_is_consistent(phantom, written):
+    tree = json.loads(written["tree"].read_text())
+    assert tree["seed"] == 3 and tree["variant"] == "standard"
+    assert tree["shape_zyx"] == list(SMALL["shape_zyx"])
+    branches = {branch["id"]: branch for branch in tree["branches"]}
+    geometry = phantom.airway.geometry
+    airway = phantom.airway.array_zyx
+    assert branches[0]["parent"] is None and branches[0]["generation"] == 0
+    for branch in branches.values():
+        if branch["parent"] is None:
+            assert branch["id"] == 0
+            expected = branch_class(0, branch["median_diameter_mm"])
+        else:
+            parent = branches[branch["parent"]]
+            assert branch["generation"] == parent["generation"] + 1
+            assert branch["class"] >= parent["class"]
+            expected = branch_class(branch["generation"], branch["median_diameter_mm"], parent["class"])
+        assert branch["class"] == expected
+        index = np.rint(geometry.physical_to_index_zyx(np.asarray(branch["points_mm"]))).astype(int)
+        assert np.all(airway[tuple(index.T)] == 1), branch["id"]
+        assert len(branch["radius_mm"]) == len(branch["points_mm"])
+
+
+def test_lungs_hold_the_tree_below_the_main_bronchi(phantom):
+    lungs = phantom.lungs.array_zyx
+    geometry = phantom.lungs.geometry
+    inside = [
+        lungs[tuple(np.rint(geometry.physical_to_index_zyx(branch.points_xyz_mm[1:])).astype(int).T)].mean()
+        for branch in phantom.branches
+        if branch.generation >= 2
+    ]
+    assert len(inside) > 20
+    assert np.mean(inside) > 0.97
+    # Two lungs; at 1.8 mm a thin tip may break off, but it holds next to nothing.
+    sizes = np.sort(np.bincount(cc3d.connected_components(lungs, connectivity=6).ravel())[1:])[::-1]
+    assert sizes[:2].sum() > 0.99 * sizes.sum() and sizes[1] > 0.5 * sizes[0]
+
+
+def test_main_bronchi_are_anatomical(phantom):
+    trachea, first, second = phantom.branches[:3]
+    right, left = (first, second) if first.points_xyz_mm[-1, 0] < 0 else (second, first)
+    assert right.points_xyz_mm[-1, 0] < 0 < left.points_xyz_mm[-1, 0]  # LPS: +x is the patient's left
+
+    def steepness(branch):
+        axis = branch.points_xyz_mm[-1] - branch.points_xyz_mm[0]
+        return -axis[2] / np.linalg.norm(axis)
+
+    assert right.length_mm < left.length_mm
+    assert steepness(right) > steepness(left)
+    assert right.median_diameter_mm > left.median_diameter_mm
+    assert trachea.airway_class == right.airway_class == left.airway_class == 1
+
+
+def test_progress_is_reported():
+    calls = []
+    generate_phantom(seed=0, shape_zyx=(64, 80, 80), spacing_zyx=(2.0, 2.0, 2.0),
+                     progress=lambda fraction, message: calls.append((fraction, message)))
+    fractions = [fraction for fraction, _ in calls]
+    assert len(calls) >= 4 and fractions == sorted(fractions) and fractions[-1] == 1.0
+    assert all(isinstance(message, str) and message for _, message in calls)
+
+
+@pytest.mark.parametrize("variant", sorted(PHANTOM_VARIANTS))
+def test_every_variant_renders(variant):
+    phantom = generate_phantom(seed=1, shape_zyx=(64, 80, 80), spacing_zyx=(2.0, 2.0, 2.0), variant=variant)
+    assert phantom.variant == variant and phantom.ct.array_zyx.dtype == np.int16
+
+
+def test_variant_sets_slice_spacing_unless_spacing_given():
+    phantom = generate_phantom(seed=0, shape_zyx=(200, 160, 160), variant="thick-slice")
+    assert phantom.ct.spacing_zyx == pytest.approx((1.25, 0.8, 0.8))
+    noisy = generate_phantom(seed=0, shape_zyx=(64, 80, 80), spacing_zyx=(2.0, 2.0, 2.0), variant="low-dose")
+    quiet = generate_phantom(seed=0, shape_zyx=(64, 80, 80), spacing_zyx=(2.0, 2.0, 2.0), variant="smooth")
+    assert noisy.ct.spacing_zyx == quiet.ct.spacing_zyx == pytest.approx((2.0, 2.0, 2.0))
+    # Same anatomy, different imaging: the low-dose image deviates more from the smooth one's mean.
+    assert np.array_equal(noisy.airway.array_zyx, quiet.airway.array_zyx)
+    outside = noisy.lungs.array_zyx == 0
+    assert noisy.ct.array_zyx[outside].std() != quiet.ct.array_zyx[outside].std()
+
+
+@pytest.mark.parametrize(
+    "arguments",
+    [
+        {"shape_zyx": (16, 96, 96)},
+        {"shape_zyx": (96, 96)},
+        {"shape_zyx": (96, 96, 96), "spacing_zyx": (0.0, 1.0, 1.0)},
+        {"shape_zyx": (96, 96, 96), "spacing_zyx": (1.0, float("nan"), 1.0)},
+        {"shape_zyx": (64, 64, 64), "spacing_zyx": (1.0, 1.0, 1.0)},
+        {"variant": "ultra"},
+        {"seed": -1},
+    ],
+)
+def test_bad_arguments_raise_input_errors(arguments):
+    with pytest.raises(AirwayInputError):
+        generate_phantom(**arguments)
+
+
+def test_unknown_variant_lists_the_known_ones():
+    with pytest.raises(AirwayInputError, match="standard"):
+        generate_phantom(variant="ultra")
+
+
+def test_full_size_tree_counts():
+    start = time.perf_counter()
+    phantom = generate_phantom(seed=0, shape_zyx=(256, 256, 256), spacing_zyx=(0.8, 0.8, 0.8))
+    assert time.perf_counter() - start < 30.0
+    parents = {branch.parent for branch in phantom.branches}
+    ends = sum(1 for branch in phantom.branches if branch.id not in parents)
+    assert max(branch.generation for branch in phantom.branches) >= 10
+    assert ends >= 150
