@@ -96,3 +96,25 @@ def test_console_script_runs_as_a_process(tree_files, tmp_path) -> None:
         capture_output=True, text=True, check=False,
     )
     assert result.returncode == 2 and result.stderr.startswith("airway labels: error:")
+
+
+def test_phantom_labels_evaluate_chain(tmp_path, capsys) -> None:
+    """The README's main job on a small grid: phantom -> three-class labels -> evaluation."""
+    out = tmp_path / "phantom"
+    assert main(["phantom", "--seed", "3", "--shape", "64", "96", "96", "--spacing", "2.5", "2", "2", "--out", str(out)]) == 0
+    assert {p.name for p in out.iterdir()} == {"ct.nii.gz", "airway.nii.gz", "airway3.nii.gz", "lungs.nii.gz", "tree.json"}
+    assert main(["labels", "--in", str(out / "airway.nii.gz"), "--out", str(tmp_path / "labels.nrrd")]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", "--pred", str(tmp_path / "labels.nrrd"), "--gt", str(out / "airway.nii.gz"),
+                 "--tree", str(out / "tree.json"), "--json", "-"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["td"] == pytest.approx(100.0) and metrics["dsc"] == pytest.approx(100.0)
+    # The reference classes come from tree.json, the predicted ones from the parse.
+    assert {"1", "2"} <= set(metrics["td_per_class"])  # JSON object keys are strings
+    assert {"1", "2"} <= set(metrics["dice_per_class"])
+
+
+def test_phantom_bad_shape_exits_2(tmp_path, capsys) -> None:
+    status = main(["phantom", "--shape", "40", "96", "96", "--out", str(tmp_path / "p")])
+    assert status == EXIT_BAD_INPUT and "out of range" in capsys.readouterr().err
+    assert not (tmp_path / "p").exists()
