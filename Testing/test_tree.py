@@ -276,3 +276,27 @@ def test_bad_parameters_are_refused():
         parse_airway_tree(mask, spacing_zyx=(1.0, 1.0))
     with pytest.raises(AirwayInputError):
         parse_airway_tree(mask, connectivity=8)
+
+
+def test_mask_filling_its_own_bounding_box_is_measured_against_the_background():
+    # A rod whose cross-section fills its bounding box exactly: the crop must keep a
+    # background margin or the distance transform sees no wall (diameter inf).
+    rod = np.zeros((30, 7, 7), dtype=bool)
+    rod[2:28, 2:5, 2:5] = True
+    branch = parse_airway_tree(rod, (1.0, 1.0, 1.0)).branches[0]
+    assert np.isfinite(branch.diameter_mm) and 2.4 <= branch.diameter_mm <= 4.5
+
+
+def test_capsule_touching_the_crop_is_not_inflated():
+    spacing = (0.5, 0.5, 0.5)
+    shape, segments = place([TreeSegment((0.0, 0.0, 0.0), (20.0, 0.0, 0.0), 1.2)], spacing, margin_mm=1.0)
+    mask = capsule_mask(shape, spacing, segments)
+    assert parse_airway_tree(mask, spacing).branches[0].diameter_mm == pytest.approx(2.4, abs=0.4)
+
+
+def test_broken_off_fragment_next_to_a_box_filling_tree_is_labelled():
+    mask = np.zeros((40, 9, 9), dtype=bool)
+    mask[2:25, 3:6, 3:6] = True
+    mask[28:36, 3:6, 3:6] = True  # a fragment broken off the end
+    labels = airway_class_labels(mask, (1.0, 1.0, 1.0))
+    np.testing.assert_array_equal(labels > 0, mask)

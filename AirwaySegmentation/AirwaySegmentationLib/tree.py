@@ -44,7 +44,7 @@ After the parse every branch gets a centreline, a length and a median lumen diam
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import cc3d
@@ -58,14 +58,12 @@ from skimage.morphology import skeletonize
 
 from . import classes
 from .arrays import as_airway_mask, as_spacing_zyx, bounding_box, check_connectivity
+from .progress import ProgressCallback
 
 #: Skeleton voxels with this many skeleton neighbours or more are junctions (ATM'22).
 JUNCTION_NEIGHBOURS = 3
 #: Skeleton pieces with fewer voxels are spurs and are dropped (ATM'22).
 MIN_PIECE_VOXELS = 5
-#: Connectivities accepted for the largest component (ATM'22: 6; ATM'26: 26).
-
-ProgressCallback = Callable[[float, str], None]
 
 # The 13 "forward" offsets of the 26-neighbourhood; with their negatives they make all 26.
 _FORWARD_OFFSETS = np.array(
@@ -251,7 +249,7 @@ def parse_airway_tree(
         trachea_id=None,
     )
     report(0.0, "Selecting the largest airway component")
-    box = bounding_box(mask)
+    box = bounding_box(mask, pad=1)
     if box is None:
         report(1.0, "Empty airway mask")
         return tree
@@ -385,7 +383,7 @@ def covering_class_labels(
     labels = tree.class_labels_zyx()
     labels[~mask] = 0
     rest = mask & ~tree.mask_zyx
-    box = bounding_box(rest)
+    box = bounding_box(rest, pad=1)
     if box is None:
         return labels
     offset = np.array([s.start for s in box])
@@ -393,7 +391,7 @@ def covering_class_labels(
     points = np.argwhere(components)
     component_of_point = components[tuple(points.T)].astype(np.int64) - 1
     points += offset
-    tree_box = bounding_box(tree.mask_zyx)
+    tree_box = bounding_box(tree.mask_zyx, pad=1)
     surface = np.argwhere(_surface(tree.mask_zyx[tree_box])) + [s.start for s in tree_box]
     spacing = np.asarray(tree.spacing_zyx)
     gap_mm, nearest = cKDTree(surface * spacing).query(points * spacing, workers=-1)
@@ -422,7 +420,7 @@ def _largest_filled_component(
     sizes[0] = 0
     component = components == int(np.argmax(sizes))
     # The crop of the whole mask is padded, so the component's padded box fits inside it.
-    inner = bounding_box(component)
+    inner = bounding_box(component, pad=1)
     box = tuple(slice(outer.start + s.start, outer.start + s.stop) for outer, s in zip(box, inner))
     return fill_voids.fill(component[inner]), box
 
