@@ -118,3 +118,27 @@ def test_phantom_bad_shape_exits_2(tmp_path, capsys) -> None:
     status = main(["phantom", "--shape", "40", "96", "96", "--out", str(tmp_path / "p")])
     assert status == EXIT_BAD_INPUT and "out of range" in capsys.readouterr().err
     assert not (tmp_path / "p").exists()
+
+
+def test_evaluate_reads_0_255_masks_as_binary(tree_files, tmp_path, capsys) -> None:
+    mask = read_label(tree_files["mask"])
+    path = write_volume(mask.with_array((mask.array_zyx > 0).astype(np.uint8) * 255), tmp_path / "mask255.nii.gz")
+    assert main(["evaluate", "--pred", str(path), "--gt", str(tree_files["mask"]), "--json", "-"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["atm22_score"] == pytest.approx(100.0) and metrics["dice_per_class"] == {}
+
+
+def test_failed_branch_table_keeps_no_label_file(tree_files, tmp_path, capsys) -> None:
+    (tmp_path / "blocked").write_text("a file where a folder is needed")
+    out = tmp_path / "labels.nii.gz"
+    status = main(["labels", "--in", str(tree_files["mask"]), "--out", str(out), "--branches", str(tmp_path / "blocked" / "b.json")])
+    assert status == EXIT_BAD_INPUT and "Cannot write" in capsys.readouterr().err
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["blocked"]
+
+
+@pytest.mark.parametrize("branch", [{"class": -1, "points_mm": [[0, 0, 0]]}, {"class": 1, "points_mm": [[0, float("nan"), 0]]}])
+def test_bad_tree_json_is_one_sentence(tree_files, tmp_path, capsys, branch) -> None:
+    path = tmp_path / "tree.json"
+    path.write_text(json.dumps({"branches": [branch]}))
+    assert main(["evaluate", "--pred", str(tree_files["mask"]), "--gt", str(tree_files["mask"]), "--tree", str(path)]) == EXIT_BAD_INPUT
+    assert "class outside 1-3 or a non-finite" in capsys.readouterr().err

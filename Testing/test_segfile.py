@@ -124,3 +124,19 @@ def test_no_airway_segment_is_a_clear_error(tmp_path: Path) -> None:
     path = _annotator_file(tmp_path / "lungs.seg.nrrd", [("Left lung", mask, None), ("Right lung", ~mask, None)])
     with pytest.raises(AirwayInputError, match="no airway segment.*'Left lung'"):
         read_segmentation(path)
+
+
+def test_single_slice_segmentation_is_refused(tmp_path: Path) -> None:
+    mask = np.zeros((1, 6, 6), bool)
+    mask[0, 2:4, 2:4] = True
+    path = _annotator_file(tmp_path / "slice.seg.nrrd", [("airway", mask, None)])
+    with pytest.raises(AirwayInputError, match="single-slice"):
+        read_segmentation(path)
+
+
+def test_segment_pointing_at_a_missing_layer_is_refused(tmp_path: Path) -> None:
+    path = _annotator_file(tmp_path / "layer.seg.nrrd", [("airway", three_class_labels() > 0, None)])
+    text = path.read_bytes().replace(b"Segment0_Layer:=0", b"Segment0_Layer:=1")
+    path.write_bytes(text)
+    with pytest.raises(AirwayInputError, match="names layer 1"):
+        read_segmentation(path)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +16,7 @@ from AirwaySegmentationLib.volume import (
     Geometry,
     Volume,
     atomic_output,
+    atomic_outputs,
     check_ct,
     read_ct,
     read_label,
@@ -227,3 +230,87 @@ def test_reading_never_modifies_the_input(tmp_path: Path) -> None:
     volume = read_ct(path)
     volume.array_zyx[:] = 0
     assert path.read_bytes() == before
+
+
+def _write_dicom_series(folder: Path, ct: np.ndarray, z_positions: list[float]) -> None:
+    for k, z in enumerate(z_positions):
+        slice_image = sitk.GetImageFromArray(ct[k : k + 1])
+        slice_image.SetSpacing((0.75, 0.75, 1.0))
+        slice_image.SetOrigin((0.0, 0.0, z))
+        for tag, value in {
+            "0008|0060": "CT",
+            "0020|000e": "1.2.826.0.1.3680043.2.1125.1.2",
+            "0020|0013": str(k + 1),
+            "0020|0032": f"0\\0\\{z}",
+            "0020|0037": "1\\0\\0\\0\\1\\0",
+        }.items():
+            slice_image.SetMetaData(tag, value)
+        writer = sitk.ImageFileWriter()
+        writer.KeepOriginalImageUIDOn()
+        writer.SetFileName(str(folder / f"slice{k:03d}.dcm"))
+        writer.Execute(slice_image)
+
+
+def test_dicom_series_with_a_missing_slice_is_refused(tmp_path: Path) -> None:
+    ct = chest_like_ct((6, 16, 18))
+    _write_dicom_series(tmp_path, ct, [0.0, 1.0, 2.0, 4.0, 5.0, 6.0])  # the slice at 3 mm is missing
+    warnings = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        with pytest.raises(AirwayInputError, match="uneven slice positions"):
+            read_ct(tmp_path)
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(warnings)
+
+
+def test_padding_outside_the_field_of_view_is_not_taken_for_attenuation() -> None:
+    ct = chest_like_ct((12, 40, 40))
+    y, x = np.indices(ct.shape[1:])
+    outside_fov = (y - 19.5) ** 2 + (x - 19.5) ** 2 > 19.5**2
+    for padding in (-2048, -3024):
+        padded = ct.copy()
+        padded[:, outside_fov] = padding
+        assert check_ct(Volume(padded, Geometry())).array_zyx is padded
+
+
+@pytest.mark.parametrize("dtype", [bool, np.float16, ">i2"])
+def test_write_volume_converts_types_images_cannot_hold(tmp_path: Path, dtype) -> None:
+    values = (np.arange(60).reshape(3, 4, 5) % 2).astype(dtype)
+    back = read_volume(write_volume(Volume(values, OBLIQUE), tmp_path / "v.nii.gz"))
+    np.testing.assert_array_equal(back.array_zyx, values.astype(float))
+
+
+def test_outputs_get_ordinary_file_permissions(tmp_path: Path) -> None:
+    old = os.umask(0o022)
+    try:
+        path = write_volume(Volume(np.zeros((3, 3, 3), np.uint8), Geometry()), tmp_path / "labels.nii.gz")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+
+
+def test_writing_onto_a_folder_is_refused_and_leaves_nothing(tmp_path: Path) -> None:
+    (tmp_path / "out.nii.gz").mkdir()
+    with pytest.raises(AirwayInputError, match="it is a folder"):
+        write_volume(Volume(np.zeros((3, 3, 3), np.uint8), Geometry()), tmp_path / "out.nii.gz")
+    assert [p.name for p in tmp_path.iterdir()] == ["out.nii.gz"]
+
+
+def test_atomic_outputs_keep_all_files_or_none(tmp_path: Path) -> None:
+    first, second = tmp_path / "a.json", tmp_path / "b.json"
+    with pytest.raises(RuntimeError):
+        with atomic_outputs([first, second]) as (tmp_first, tmp_second):
+            tmp_first.write_text("{}")
+            raise RuntimeError("the second file could not be made")
+    assert not any(tmp_path.iterdir())
+    with atomic_outputs([first, second]) as (tmp_first, tmp_second):
+        tmp_first.write_text("1")
+        tmp_second.write_text("2")
+    assert first.read_text() == "1" and second.read_text() == "2" and len(list(tmp_path.iterdir())) == 2
+
+
+def test_complex_labels_are_refused(tmp_path: Path) -> None:
+    image = sitk.GetImageFromArray(np.ones((3, 3, 3), np.complex64))
+    sitk.WriteImage(image, str(tmp_path / "complex.nrrd"))
+    with pytest.raises(AirwayInputError):
+        read_label(tmp_path / "complex.nrrd")

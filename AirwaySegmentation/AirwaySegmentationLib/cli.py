@@ -143,6 +143,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except AirwayInputError as error:
         print(f"airway {args.command}: error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except OSError as error:
+        # A file the user named could not be read or written (permissions, full disk, ...).
+        where = f" {error.filename}" if error.filename else ""
+        print(f"airway {args.command}: error: cannot access{where} ({error.strerror or error}).", file=sys.stderr)
+        return EXIT_BAD_INPUT
     except (KeyboardInterrupt, Cancelled):
         print(f"airway {args.command}: interrupted; no partial output was kept.", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -18,9 +18,9 @@ from .classes import DEFAULT_SEGMENTAL_GENERATION
 from .errors import AirwayInputError
 from .metrics import AirwayMetrics, evaluate_airway
 from .progress import ProgressCallback, report, sub_progress
-from .segfile import write_labels
+from .segfile import check_label_path, write_labels
 from .tree import AirwayTree, covering_class_labels, parse_airway_tree
-from .volume import Volume, atomic_output, check_same_grid, read_label
+from .volume import Volume, atomic_output, atomic_outputs, check_same_grid, read_label
 
 
 def branch_table(tree: AirwayTree) -> list[dict]:
@@ -77,6 +77,7 @@ def label_airway_file(
     AirwayTree
         The parsed tree behind the labels.
     """
+    check_label_path(out_path)
     mask = read_label(mask_path)
     report(progress, 0.0, "parsing the airway tree")
     tree = parse_airway_tree(
@@ -87,9 +88,12 @@ def label_airway_file(
         progress=sub_progress(progress, 0.05, 0.9),
     )
     labels = covering_class_labels(tree, mask.array_zyx, connectivity=connectivity)
-    write_labels(mask.with_array(labels), out_path)
-    if branches_path is not None:
-        write_json({"spacing_zyx_mm": list(mask.spacing_zyx), "branches": branch_table(tree)}, branches_path)
+    outputs = [out_path] if branches_path is None else [out_path, branches_path]
+    # Labels and branch table are kept together or not at all.
+    with atomic_outputs(outputs) as temporary:
+        write_labels(mask.with_array(labels), temporary[0])
+        if branches_path is not None:
+            write_json({"spacing_zyx_mm": list(mask.spacing_zyx), "branches": branch_table(tree)}, temporary[1])
     report(progress, 1.0, "labels written")
     return tree
 
@@ -121,6 +125,8 @@ def read_tree_json_classes(tree_json_path: str | os.PathLike, reference: Volume)
         raise AirwayInputError(f"{path} is not a readable tree.json ({error}); expected the file `airway phantom` writes.") from None
     if not points or not any(len(p) for p in points):
         raise AirwayInputError(f"{path} holds no branch centreline points.")
+    if any(c not in (1, 2, 3) for c in classes) or not all(np.all(np.isfinite(p)) for p in points):
+        raise AirwayInputError(f"{path} holds a class outside 1-3 or a non-finite centreline point; regenerate it.")
     point_classes = np.concatenate([np.full(len(p), c, dtype=np.uint8) for p, c in zip(points, classes)])
     points_index_zyx = reference.geometry.physical_to_index_zyx(np.concatenate(points))
     spacing = np.asarray(reference.spacing_zyx)
@@ -156,10 +162,8 @@ def evaluate_airway_files(
     gt = read_label(gt_path)
     pred = read_label(pred_path)
     check_same_grid(pred, gt, str(pred_path), f"the reference {gt_path}")
-    gt_classes = None
-    if gt.array_zyx.max() > 1:
-        gt_classes = gt.array_zyx
-    elif tree_json_path is not None:
+    gt_classes = _class_map_or_none(gt.array_zyx)
+    if gt_classes is None and tree_json_path is not None:
         gt_classes = read_tree_json_classes(tree_json_path, gt)
     return evaluate_airway(
         pred.array_zyx > 0,
@@ -167,5 +171,14 @@ def evaluate_airway_files(
         gt.spacing_zyx,
         mode=mode,
         gt_classes_zyx=gt_classes,
-        pred_classes_zyx=pred.array_zyx if pred.array_zyx.max() > 1 else None,
+        pred_classes_zyx=_class_map_or_none(pred.array_zyx),
     )
+
+
+def _class_map_or_none(labels_zyx: np.ndarray) -> np.ndarray | None:
+    """The labels as a three-class map when their values are 0-3 with class 2 or 3 present, else None.
+
+    Anything else (0/1, 0/255, other label values) is a binary airway mask: nonzero = airway.
+    """
+    values = set(np.unique(labels_zyx).tolist())
+    return labels_zyx if values <= {0, 1, 2, 3} and values & {2, 3} else None

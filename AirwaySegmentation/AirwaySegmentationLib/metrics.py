@@ -35,7 +35,9 @@ reference is refused.
 Modes: ``"atm22"`` takes the 6-connected largest component of P (``measure.label(...,
 connectivity=1)`` in ``large_connected_domain``); ``"atm26"`` the 26-connected one.  The
 reference is parsed with the same connectivity, so a reference scored against itself gets 100
-in both modes.
+in both modes, except that TD can fall a little short when the reference has enclosed holes:
+its skeleton is taken after hole filling (as ATM'22 does), so skeleton voxels inside a hole are
+not in the unfilled reference.
 
 Examples
 --------
@@ -216,9 +218,9 @@ def evaluate_airway(
     if not gt.any():
         raise AirwayInputError("The reference has no airway voxels; give a non-empty reference label.")
     if gt_classes_zyx is not None:
-        gt_classes_zyx = _checked_classes(gt_classes_zyx, gt.shape)
+        gt_classes_zyx = _checked_classes(gt_classes_zyx, gt.shape, "reference")
     if pred_classes_zyx is not None:
-        pred_classes_zyx = _checked_classes(pred_classes_zyx, gt.shape)
+        pred_classes_zyx = _checked_classes(pred_classes_zyx, gt.shape, "predicted")
     if gt_tree is not None and gt_tree.branch_labels_zyx.shape != gt.shape:
         raise AirwayInputError(
             f"The given reference tree was parsed on a grid of shape {gt_tree.branch_labels_zyx.shape}, "
@@ -282,21 +284,20 @@ def evaluate_airway(
     )
 
 
-def _checked_classes(classes_zyx: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """The reference class map as uint8, refused unless it has ``shape`` and values 0-3."""
+def _checked_classes(classes_zyx: np.ndarray, shape: tuple[int, ...], role: str) -> np.ndarray:
+    """A ``role`` ("reference" or "predicted") class map as uint8, refused unless it has ``shape`` and values 0-3."""
     classes = np.asarray(classes_zyx)
     if classes.shape != shape:
         raise AirwayInputError(
-            f"The reference class map (shape {classes.shape}) must have the reference's shape {shape}."
+            f"The {role} class map (shape {classes.shape}) must have the reference's shape {shape}."
         )
     in_range = (classes >= 0) & (classes <= len(AIRWAY_CLASSES)) & (classes == np.round(classes))
     if not np.all(in_range):
         raise AirwayInputError(
-            f"The reference class map holds values outside 0-{len(AIRWAY_CLASSES)}; "
+            f"The {role} class map holds values outside 0-{len(AIRWAY_CLASSES)}; "
             "expected 0 for background and 1-3 for the airway classes."
         )
     return classes.astype(np.uint8)
-
 
 def _count_and_largest(pred: np.ndarray, connectivity: int) -> tuple[int, np.ndarray]:
     """Number of 26-connected components of ``pred`` and its largest ``connectivity``-connected component."""

@@ -18,7 +18,7 @@ import slicerio
 
 from .classes import AIRWAY_CLASSES, SNOMED_CATEGORY
 from .errors import AirwayInputError
-from .volume import Geometry, Volume, atomic_output, write_volume
+from .volume import WRITABLE_SUFFIXES, Geometry, Volume, atomic_output, write_volume
 
 _TERMINOLOGY_CONTEXT = "Segmentation category and type - 3D Slicer General Anatomy list"
 _ANATOMIC_CONTEXT = "Anatomic codes - DICOM master list"
@@ -160,7 +160,16 @@ def read_segmentation(path: str | os.PathLike) -> Volume:
         voxels = voxels[np.newaxis]
     if voxels.ndim != 4:
         raise AirwayInputError(f"{path} holds a {voxels.ndim}-D segmentation; expected 3-D segments.")
+    if min(voxels.shape[1:]) < 2:
+        size = "x".join(str(n) for n in voxels.shape[1:])
+        raise AirwayInputError(f"{path} is a single-slice segmentation ({size}); expected a 3-D volume.")
     segments = segmentation.get("segments", [])
+    for segment in segments:
+        if not 0 <= int(segment.get("layer", 0)) < voxels.shape[0]:
+            raise AirwayInputError(
+                f"{path}: segment {segment.get('name', '?')!r} names layer {segment.get('layer')} "
+                f"but the file holds {voxels.shape[0]}; re-save it from Slicer."
+            )
     labels_for = {id(s): _segment_label(s) for s in segments}
     if len(segments) == 1 and labels_for[id(segments[0])] is None:
         labels_for[id(segments[0])] = 0
@@ -185,6 +194,19 @@ def read_segmentation(path: str | os.PathLike) -> Volume:
         tuple(spacing_xyz), tuple(ijk_to_lps[:3, 3]), tuple((ijk_to_lps[:3, :3] / spacing_xyz).ravel())
     )
     return Volume(np.ascontiguousarray(labels_ijk.transpose(2, 1, 0)), geometry)
+
+
+def check_label_path(path: str | os.PathLike) -> Path:
+    """Refuse, before any work is done, an output name :func:`write_labels` cannot write."""
+    path = Path(path)
+    name = path.name.lower()
+    if not (name.endswith(".seg.nrrd") or name.endswith(WRITABLE_SUFFIXES)):
+        raise AirwayInputError(
+            f"Cannot write {path}: expected a file name ending in .seg.nrrd, {', '.join(WRITABLE_SUFFIXES)}."
+        )
+    if path.is_dir():
+        raise AirwayInputError(f"Cannot write {path}: it is a folder; give a file name.")
+    return path
 
 
 def write_labels(labels: Volume, path: str | os.PathLike) -> Path:

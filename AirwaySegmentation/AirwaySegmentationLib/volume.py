@@ -30,6 +30,8 @@ WRITABLE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
 _CT_MIN_PLAUSIBLE_HU = -1400.0
 _CT_AIR_MAX_HU = -700.0
 _CT_MAX_PLAUSIBLE_HU = 32767.0
+# A plateau of one value below this (scanners clip air at -1024) is outside-field-of-view padding.
+_CT_PADDING_BELOW_HU = -1024.0
 
 
 @dataclass(frozen=True)
@@ -148,8 +150,21 @@ def geometry_of(image: sitk.Image) -> Geometry:
 
 
 def to_sitk(volume: Volume) -> sitk.Image:
-    """A SimpleITK image holding a copy of the volume's voxels and its geometry."""
-    image = sitk.GetImageFromArray(np.ascontiguousarray(volume.array_zyx))
+    """A SimpleITK image holding a copy of the volume's voxels and its geometry.
+
+    Types SimpleITK cannot hold are converted without loss of meaning: bool to uint8,
+    float16 to float32, and non-native byte order to native.
+    """
+    values = np.asarray(volume.array_zyx)
+    if values.dtype == bool:
+        values = values.astype(np.uint8)
+    elif values.dtype == np.float16:
+        values = values.astype(np.float32)
+    elif values.dtype.kind not in "uif":
+        raise AirwayInputError(f"Cannot store {values.dtype} voxels in an image file; give integer or real values.")
+    if not values.dtype.isnative:
+        values = values.astype(values.dtype.newbyteorder("="))
+    image = sitk.GetImageFromArray(np.ascontiguousarray(values))
     image.SetSpacing(volume.geometry.spacing_xyz)
     image.SetOrigin(volume.geometry.origin_xyz)
     image.SetDirection(volume.geometry.direction)
@@ -189,11 +204,38 @@ def _read_dicom_series(folder: Path) -> sitk.Image:
         raise AirwayInputError(f"The folder {folder} holds no DICOM series; give a folder of DICOM slices or an image file.")
     if len(series) > 1:
         raise AirwayInputError(f"The folder {folder} holds {len(series)} DICOM series; put one series per folder.")
-    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(folder), series[0]))
+    files = reader.GetGDCMSeriesFileNames(str(folder), series[0])
+    reader.SetFileNames(files)
     try:
-        return reader.Execute()
+        image = reader.Execute()
     except RuntimeError as error:
         raise AirwayInputError(_describe_read_error(folder, error)) from None
+    _check_slice_positions(folder, files, image)
+    return image
+
+
+def _check_slice_positions(folder: Path, files: tuple[str, ...], image: sitk.Image) -> None:
+    """Refuse a series with missing slices or uneven slice steps.
+
+    ITK only warns and averages the spacing, which would misplace slices by up to half a gap.
+    """
+    if len(files) < 3:
+        return
+    normal = np.asarray(image.GetDirection(), dtype=float).reshape(3, 3)[:, 2]
+    positions = []
+    for name in files:
+        header = sitk.ImageFileReader()
+        header.SetFileName(name)
+        header.ReadImageInformation()
+        if not header.HasMetaDataKey("0020|0032"):
+            return  # no positions to check (e.g. a multi-frame file); trust the reader
+        positions.append(float(np.dot([float(v) for v in header.GetMetaData("0020|0032").split("\\")], normal)))
+    steps = np.diff(np.sort(positions))
+    if steps.size and (steps.min() <= 0 or steps.max() - steps.min() > 0.01 * steps.max() + 1e-3):
+        raise AirwayInputError(
+            f"The DICOM series in {folder} has uneven slice positions (steps {steps.min():.3g} to "
+            f"{steps.max():.3g} mm): slices are missing or duplicated; export the complete series."
+        )
 
 
 def _describe_read_error(path: Path, error: RuntimeError) -> str:
@@ -277,9 +319,6 @@ def check_ct(volume: Volume, source: str = "the CT") -> Volume:
     if values.dtype.kind == "f" and not np.all(np.isfinite(values)):
         bad = int(values.size - np.count_nonzero(np.isfinite(values)))
         raise AirwayInputError(f"{source} has {bad} NaN or infinite voxels; a CT must hold finite Hounsfield units.")
-    # Percentiles of a strided sample are enough to judge the intensity range.
-    sample = values[:: max(1, values.shape[0] // 64), ::2, ::2].astype(np.float32, copy=False)
-    low, high = np.percentile(sample, [0.5, 99.5])
     lowest, highest = float(values.min()), float(values.max())
     if highest == lowest:
         raise AirwayInputError(f"{source} is constant ({lowest:g}); expected a CT in Hounsfield units.")
@@ -288,6 +327,15 @@ def check_ct(volume: Volume, source: str = "the CT") -> Volume:
             f"{source} has values from {lowest:g} to {highest:g}, outside the range of CT numbers; "
             "expected Hounsfield units (air -1000, water 0)."
         )
+    # Percentiles of a strided sample are enough to judge the intensity range.
+    sample = values[:: max(1, values.shape[0] // 64), ::2, ::2].astype(np.float32).ravel()
+    if lowest < _CT_PADDING_BELOW_HU:
+        # Many scanners fill the corners outside the circular field of view with one value
+        # far below air (-2048, -3024); that plateau is padding, not attenuation.
+        inside_fov = sample[sample != lowest]
+        if inside_fov.size >= sample.size // 4:
+            sample = inside_fov
+    low = float(np.percentile(sample, 0.5))
     if low > _CT_AIR_MAX_HU:
         raise AirwayInputError(
             f"{source} has no air-like values (0.5th percentile {low:g}, expected about -1000 HU); "
@@ -299,7 +347,6 @@ def check_ct(volume: Volume, source: str = "the CT") -> Volume:
             f"{source} has much of its volume below {_CT_MIN_PLAUSIBLE_HU:g} (0.5th percentile {low:g}); "
             "expected Hounsfield units with air at about -1000; apply the rescale slope and intercept."
         )
-    del high
     return volume
 
 
@@ -339,6 +386,8 @@ def read_label(path: str | os.PathLike, reference: Volume | None = None) -> Volu
     else:
         volume = read_volume(path)
     values = volume.array_zyx
+    if values.dtype.kind not in "buif":
+        raise AirwayInputError(f"{path} holds {values.dtype} values; expected a label map (0 = background).")
     if values.dtype.kind == "f":
         if not np.all(np.isfinite(values)) or not np.array_equal(values, np.round(values)):
             raise AirwayInputError(f"{path} holds non-integer values; expected a label map (0 = background).")
@@ -359,7 +408,7 @@ def check_same_grid(volume: Volume, reference: Volume, name: str, reference_name
             f"{name} (shape {volume.array_zyx.shape}, spacing {_fmt(volume.spacing_zyx)} mm zyx, "
             f"origin {_fmt(volume.geometry.origin_xyz)}) does not lie on the grid of {reference_name} "
             f"(shape {reference.array_zyx.shape}, spacing {_fmt(reference.spacing_zyx)} mm zyx, "
-            f"origin {_fmt(reference.geometry.origin_xyz)}); resample the labels onto the CT first."
+            f"origin {_fmt(reference.geometry.origin_xyz)}); resample it onto that grid first."
         )
 
 
@@ -367,10 +416,11 @@ def _fmt(values: tuple[float, ...]) -> str:
     return "(" + ", ".join(f"{v:.4g}" for v in values) + ")"
 
 
-def atomic_output(path: str | os.PathLike) -> "_AtomicPath":
+def atomic_output(path: str | os.PathLike) -> "_AtomicPaths":
     """Context manager giving a temporary path beside ``path``; it is renamed onto ``path`` on success.
 
-    The temporary name keeps the file's suffix so writers that choose the format by name work.
+    The temporary name keeps the file's suffix so writers that choose the format by name work,
+    and the file gets the permissions a plain ``open`` would give it (0666 less the umask).
     On any exception the temporary file is removed and ``path`` is untouched.
 
     Examples
@@ -378,28 +428,67 @@ def atomic_output(path: str | os.PathLike) -> "_AtomicPath":
     >>> with atomic_output("labels.nii.gz") as tmp:  # doctest: +SKIP
     ...     sitk.WriteImage(image, str(tmp))
     """
-    return _AtomicPath(Path(path))
+    return _AtomicPaths([Path(path)], single=True)
 
 
-class _AtomicPath:
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.tmp: Path | None = None
+def atomic_outputs(paths: "list[str | os.PathLike]") -> "_AtomicPaths":
+    """Like :func:`atomic_output` for several files that belong together: all are kept or none.
 
-    def __enter__(self) -> Path:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        suffix = _suffix(self.path) or ".tmp"
-        handle, name = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=suffix, dir=self.path.parent)
-        os.close(handle)
-        self.tmp = Path(name)
-        return self.tmp
+    Yields the list of temporary paths, in the order of ``paths``; they are renamed onto their
+    targets only after the whole block succeeded.
+    """
+    return _AtomicPaths([Path(p) for p in paths], single=False)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+class _AtomicPaths:
+    def __init__(self, paths: list[Path], single: bool) -> None:
+        self.paths = paths
+        self.single = single
+        self.temps: list[Path] = []
+
+    def __enter__(self):
+        mode = 0o666 & ~_umask()
+        try:
+            for path in self.paths:
+                if path.is_dir():
+                    raise AirwayInputError(f"Cannot write {path}: it is a folder; give a file name.")
+                try:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    handle, name = tempfile.mkstemp(
+                        prefix=f".{path.name}.", suffix=_suffix(path) or ".tmp", dir=path.parent
+                    )
+                except OSError as error:
+                    raise AirwayInputError(
+                        f"Cannot write {path} ({error.strerror or error}); check the output folder."
+                    ) from None
+                os.close(handle)
+                self.temps.append(Path(name))
+                os.chmod(name, mode)
+        except BaseException:
+            self._discard()
+            raise
+        return self.temps[0] if self.single else list(self.temps)
 
     def __exit__(self, exc_type, exc, traceback) -> None:
-        assert self.tmp is not None
-        if exc_type is None:
-            os.replace(self.tmp, self.path)
-        else:
-            self.tmp.unlink(missing_ok=True)
+        if exc_type is not None:
+            self._discard()
+            return
+        try:
+            for tmp, path in zip(self.temps, self.paths):
+                os.replace(tmp, path)
+        except OSError as error:
+            self._discard()
+            raise AirwayInputError(f"Cannot write {error.filename2 or error.filename} ({error.strerror}).") from None
+
+    def _discard(self) -> None:
+        for tmp in self.temps:
+            tmp.unlink(missing_ok=True)
 
 
 def write_volume(volume: Volume, path: str | os.PathLike, compress: bool = True) -> Path:
