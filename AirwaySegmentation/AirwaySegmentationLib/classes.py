@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 #: Generations 0 (trachea) and 1 (main bronchi) are class 1.
 MAIN_BRONCHUS_GENERATION = 1
 #: Deepest generation that is still class 2 (segmental bronchi sit at generations 3-5).
@@ -98,3 +100,23 @@ def branch_class(
     else:
         own = 3
     return own if parent_class is None else max(own, parent_class)
+
+
+def as_class_map(labels_zyx: np.ndarray) -> np.ndarray | None:
+    """The labels as a three-class map (uint8) if they are one, else None (a binary airway mask).
+
+    A label map is three-class when its values lie in 0-3 and include 2 or 3.  Anything else
+    (0/1, 0/255, other label values) is read as a binary airway mask, nonzero = airway; this
+    one rule serves evaluation, training data and the CLI alike.
+
+    Examples
+    --------
+    >>> as_class_map(np.array([0, 1, 3], np.uint8)).tolist()
+    [0, 1, 3]
+    >>> as_class_map(np.array([0, 255], np.uint8)) is None
+    True
+    """
+    values = set(np.unique(labels_zyx).tolist())
+    if values <= {0, 1, 2, 3} and values & {2, 3}:
+        return np.asarray(labels_zyx).astype(np.uint8, copy=False)
+    return None

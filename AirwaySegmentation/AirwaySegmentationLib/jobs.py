@@ -14,7 +14,7 @@ from typing import Optional
 import numpy as np
 from scipy.spatial import cKDTree
 
-from .classes import DEFAULT_SEGMENTAL_GENERATION
+from .classes import DEFAULT_SEGMENTAL_GENERATION, as_class_map
 from .errors import AirwayInputError
 from .metrics import AirwayMetrics, evaluate_airway
 from .progress import ProgressCallback, report, sub_progress
@@ -162,7 +162,7 @@ def evaluate_airway_files(
     gt = read_label(gt_path)
     pred = read_label(pred_path)
     check_same_grid(pred, gt, str(pred_path), f"the reference {gt_path}")
-    gt_classes = _class_map_or_none(gt.array_zyx)
+    gt_classes = as_class_map(gt.array_zyx)
     if gt_classes is None and tree_json_path is not None:
         gt_classes = read_tree_json_classes(tree_json_path, gt)
     return evaluate_airway(
@@ -171,14 +171,6 @@ def evaluate_airway_files(
         gt.spacing_zyx,
         mode=mode,
         gt_classes_zyx=gt_classes,
-        pred_classes_zyx=_class_map_or_none(pred.array_zyx),
+        pred_classes_zyx=as_class_map(pred.array_zyx),
     )
 
-
-def _class_map_or_none(labels_zyx: np.ndarray) -> np.ndarray | None:
-    """The labels as a three-class map when their values are 0-3 with class 2 or 3 present, else None.
-
-    Anything else (0/1, 0/255, other label values) is a binary airway mask: nonzero = airway.
-    """
-    values = set(np.unique(labels_zyx).tolist())
-    return labels_zyx if values <= {0, 1, 2, 3} and values & {2, 3} else None

@@ -98,7 +98,7 @@ def lumen_geometry(
 
 
 def gul_distance_weight(
-    label: np.ndarray, spacing_zyx: Sequence[float] = (1.0, 1.0, 1.0)
+    label: np.ndarray, spacing_zyx: Sequence[float] = (1.0, 1.0, 1.0), geometry: LumenGeometry | None = None
 ) -> np.ndarray:
     """The ``dist`` weight of the General Union loss: inverse local lumen radius, mean 1.
 
@@ -115,6 +115,9 @@ def gul_distance_weight(
         ``(D, H, W)`` airway label of the crop, any value > 0 is airway.
     spacing_zyx : sequence of float
         Voxel spacing in mm, z, y, x.
+    geometry : LumenGeometry, optional
+        ``lumen_geometry(label, spacing_zyx)`` when the caller already has it (both weights
+        of a crop need it; computing it once halves their cost).
 
     Returns
     -------
@@ -122,7 +125,8 @@ def gul_distance_weight(
         float32 ``(D, H, W)``, mean 1 over the airway voxels, 0 elsewhere (all 0 if the crop
         has no airway).
     """
-    geometry = lumen_geometry(label, spacing_zyx)
+    if geometry is None:
+        geometry = lumen_geometry(label, spacing_zyx)
     airway = geometry.lumen_radius_mm > 0
     weight = np.zeros(airway.shape, dtype=np.float32)
     if airway.any():
@@ -132,7 +136,7 @@ def gul_distance_weight(
 
 
 def centerline_distance_weight(
-    label: np.ndarray, spacing_zyx: Sequence[float] = (1.0, 1.0, 1.0)
+    label: np.ndarray, spacing_zyx: Sequence[float] = (1.0, 1.0, 1.0), geometry: LumenGeometry | None = None
 ) -> np.ndarray:
     """Tang's centerline-distance weight ``w_d = (1 - d / d_max)^2`` (eq. 4).
 
@@ -149,13 +153,16 @@ def centerline_distance_weight(
         ``(D, H, W)`` airway label of the crop, any value > 0 is airway.
     spacing_zyx : sequence of float
         Voxel spacing in mm, z, y, x.
+    geometry : LumenGeometry, optional
+        ``lumen_geometry(label, spacing_zyx)`` when the caller already has it.
 
     Returns
     -------
     numpy.ndarray
         float32 ``(D, H, W)`` in [0, 1].
     """
-    geometry = lumen_geometry(label, spacing_zyx)
+    if geometry is None:
+        geometry = lumen_geometry(label, spacing_zyx)
     airway = geometry.lumen_radius_mm > 0
     weight = np.zeros(airway.shape, dtype=np.float32)
     relative = geometry.centerline_distance_mm[airway] / geometry.lumen_radius_mm[airway]
