@@ -8,10 +8,12 @@ import time
 import cc3d
 import numpy as np
 import pytest
+from scipy.spatial import cKDTree
 
 from AirwaySegmentationLib.classes import branch_class
 from AirwaySegmentationLib.errors import AirwayInputError
-from AirwaySegmentationLib.phantom import PHANTOM_VARIANTS, generate_phantom, write_phantom
+from AirwaySegmentationLib.phantom import _WALL_PER_DIAMETER, PHANTOM_VARIANTS, generate_phantom, write_phantom
+from AirwaySegmentationLib.tree import parse_airway_tree
 from AirwaySegmentationLib.volume import read_volume
 
 SMALL = {"shape_zyx": (96, 112, 112), "spacing_zyx": (1.8, 1.8, 1.8)}
@@ -174,11 +176,43 @@ def test_unknown_variant_lists_the_known_ones():
         generate_phantom(variant="ultra")
 
 
-def test_full_size_tree_counts():
+def test_unrelated_branches_keep_clear_and_stay_resolvable(phantom):
+    branches = phantom.branches
+    spacing = np.asarray(SMALL["spacing_zyx"])
+    outer = [float(b.radius_mm.max()) * (1.0 + 2.0 * _WALL_PER_DIAMETER) for b in branches]
+    family = {(b.id, b.parent) for b in branches if b.parent is not None}
+    family |= {(a.id, b.id) for a in branches for b in branches if a.parent is not None and a.parent == b.parent}
+    family |= {(b, a) for a, b in family}
+    points = np.concatenate([b.points_xyz_mm for b in branches])
+    owner = np.concatenate([np.full(len(b.points_xyz_mm), b.id) for b in branches])
+    for a, b in cKDTree(points).query_pairs(2.0 * max(outer) + 2.0 * spacing.max(), output_type="ndarray"):
+        i, j = int(owner[a]), int(owner[b])
+        if i != j and (i, j) not in family:
+            gap = np.linalg.norm(points[a] - points[b]) - outer[i] - outer[j]
+            assert gap >= 1.5 * spacing.max() - 1e-6, (i, j, gap)
+    # Below the main bronchi: resolvable calibre (the taper keeps the median at the nominal
+    # diameter; 5% covers rounding) and length (10 voxels of the coarsest axis at least).
+    for branch in branches[3:]:
+        assert branch.median_diameter_mm >= 1.5 * spacing[1:].min() * 0.95
+        assert branch.length_mm >= 10.0 * spacing.max()
+
+
+def test_full_size_tree_is_resolvable_by_the_parser():
+    """At 256^3 / 0.8 mm the tree parser sees the tree that tree.json describes."""
     start = time.perf_counter()
     phantom = generate_phantom(seed=0, shape_zyx=(256, 256, 256), spacing_zyx=(0.8, 0.8, 0.8))
     assert time.perf_counter() - start < 30.0
-    parents = {branch.parent for branch in phantom.branches}
-    ends = sum(1 for branch in phantom.branches if branch.id not in parents)
-    assert max(branch.generation for branch in phantom.branches) >= 10
-    assert ends >= 150
+    airway, airway3 = phantom.airway.array_zyx, phantom.airway3.array_zyx
+    parsed = parse_airway_tree(airway, phantom.airway.spacing_zyx, connectivity=26)
+    assert parsed.n_generations >= 10
+    assert len(parsed.end_branches()) >= 150
+    assert len(parsed.branches) >= 0.75 * len(phantom.branches)
+    six = parse_airway_tree(airway, phantom.airway.spacing_zyx, connectivity=6)
+    assert abs(len(six.branches) - len(parsed.branches)) <= 0.03 * len(parsed.branches)
+    # Classes are monotone down the tree: without class 3 the rest is one tree.
+    upper = ((airway3 == 1) | (airway3 == 2)).astype(np.uint8)
+    assert cc3d.connected_components(upper, connectivity=26, return_N=True)[1] == 1
+    labels = parsed.class_labels_zyx()
+    for airway_class, minimum in ((1, 0.90), (2, 0.80), (3, 0.80)):
+        a, b = labels == airway_class, airway3 == airway_class
+        assert 2.0 * np.count_nonzero(a & b) / (np.count_nonzero(a) + np.count_nonzero(b)) >= minimum, airway_class

@@ -9,24 +9,57 @@ The phantom is built from analytic geometry and then imaged like a CT scanner wo
    cava, the oesophagus (with some swallowed air), the liver under the diaphragm, two lungs
    with a parenchymal texture, and the patient table.  The anatomy is scaled to the field
    of view (an adult chest at about 400 mm in plane), so a small grid holds a small chest
-   rather than a cut-off one; airway calibres scale with the square root of that factor
-   (a child's airways are relatively wide), which keeps 10+ generations above the voxel
-   size at 256^3 / 0.8 mm.
+   rather than a cut-off one; airway calibres (and the main bronchi's lengths) scale with
+   the square root of that factor (a child's airways are relatively wide), which keeps 10
+   resolvable generations at 256^3 / 0.8 mm (larger or smaller powers give fewer: wider
+   airways need longer branches and run out of room sooner).
 2. **Airway tree.**  Trachea, carina and asymmetric main bronchi (the right one shorter,
    steeper and wider), then a space-filling tree grown after Kitaoka et al. (J Appl
    Physiol 1999): the territory of each branch (points on a lattice inside its lung) is
    cut by a plane through its centroid that contains the branch axis and is parallel to
    the parent's branching plane, so branching planes turn by 90 degrees each generation;
    the flow (volume) ratio r sets the child diameters, d = D r^(1/n) with n = 2.8, and
-   the branching angles (Kitaoka's eq. from minimum power); each child is 3 diameters
-   long.  Where the lung's edge leaves no room for both daughters the plane is turned
-   (45 or 90 degrees) before the branch is declared terminal.  Growth stops when a child
-   would be thinner than about one voxel (max(0.6 mm, mean spacing)), would leave its
-   lung, or its territory is exhausted.  Walls are 17% of the lumen diameter thick.
-3. **Vessels.**  A pulmonary artery beside every bronchus (the classic distractor), a
+   the branching angles (Kitaoka's eq. from minimum power), capped at 80 degrees; each
+   child is 3 diameters long.  Where the lung's edge or another branch leaves no room for
+   both daughters the plane is turned (45 or 90 degrees) before the branch is declared
+   terminal.  Walls are 17% of the lumen diameter thick.
+3. **Resolvability.**  The ground truth holds only airways that a CT of this voxel size
+   shows and that a tree parser can take apart, as real references do: ATM'22 and
+   EXACT'09 are annotated down to lumina of about 1-2 mm, because smaller airways are not
+   visible.  Calibrated with :func:`~AirwaySegmentationLib.tree.parse_airway_tree` (ATM'22
+   semantics) on the phantom's own mask at 256^3 / 0.8 mm, growth obeys three limits:
+
+   - no child thinner than 1.5 in-plane voxels (1.2 mm at 0.8 mm); thinner lumina are
+     left out entirely, so the periphery shows no sub-resolution airway texture either;
+   - no child shorter than 10 voxels of the coarsest axis (8 mm at 0.8 mm) plus the radii
+     of its parent and itself: thinning merges the skeleton over about a radius around each
+     junction and the parser drops skeleton pieces under 5 voxels, so a shorter branch
+     would vanish into its neighbours.  Children are made 3 diameters long as in Kitaoka's
+     model, but never shorter than this, so the thinnest ones are relatively long; one that
+     does not fit at this length is not created;
+   - clearance: the lumen plus wall of a new branch keeps at least 1.5 voxels of the
+     coarsest axis from every branch except its parent and its sibling (tested on its
+     axis sampled every half voxel, against a k-d tree of the axes placed so far).  A
+     child's first parent radius lies in the parent's lumen and is not tested.  A child
+     turned back by more than 80 degrees from its parent's axis folds onto its own family,
+     so its heading is limited to 80 degrees.
+
+   With these limits the parse of ``airway`` recovers most of tree.json: at 256^3 / 0.8 mm
+   (seeds 0-3) tree.json holds 10-11 generations and 174-190 end branches, the parse
+   10-11 generations and 159-171 end branches, 78-91% of tree.json's branch count, the
+   same with 6- and 26-connectivity, and class Dice between the parse and ``airway3`` of
+   >= 0.99 (class 1) and >= 0.86 (classes 2 and 3).  What the parse misses comes from a
+   few deep junctions where a branch's region touches one two generations up; the parser
+   then fuses parents up that lineage, which shifts the generations (and so the classes)
+   below.  See ``benchmarks/phantom_realism.py``.  The limits count in voxels, so a
+   coarser grid holds fewer generations (1.25 mm slices at 256^3: 64-99 parsed end
+   branches, seeds 0-3).  The vessel trees are image content only: they may cross each
+   other and the bronchi (the airway's lumen and wall are rendered over them) and grow
+   down to about one voxel.
+4. **Vessels.**  A pulmonary artery beside every bronchus (the classic distractor), a
    separate pulmonary vein tree grown into the same lungs from the left atrium, and a few
    solid nodules.
-4. **Imaging.**  Every structure is rendered with an analytic partial-volume fraction
+5. **Imaging.**  Every structure is rendered with an analytic partial-volume fraction
    (signed distance to its surface over one voxel), tubes only inside their bounding box;
    then a Gaussian point-spread function (kernel FWHM in plane, the slice profile along z)
    and correlated noise (white noise blurred by the kernel's correlation length and
@@ -36,10 +69,13 @@ Ground truth
 ------------
 ``airway`` is the exact lumen: a voxel is airway when its centre lies inside a lumen
 (partial-volume fraction >= 0.5), plus the voxels the centrelines pass through (joined face
-to face), so that branches thinner than a voxel stay connected; the tree is one
-6-connected component.
+to face), so that a thin branch stays connected where its sampled lumen misses a voxel;
+the tree is one 6-connected component.
 ``airway3`` gives every airway voxel the class of the branch whose centreline is nearest
-to the voxel centre; on a tie the lower generation wins.  Classes come from
+to the voxel centre, whether or not the voxel lies in that branch's own lumen (so a
+parent's rounded end past a junction goes to the child beside it); on a tie the lower
+generation wins.  Classes never decrease down the tree, so classes 1 + 2 form one
+connected tree.  Classes come from
 :func:`~AirwaySegmentationLib.classes.branch_class` (generation, 2 x median radius, parent
 class).  ``lungs`` is the analytic lung region (airways and vessels inside it included).
 
@@ -135,7 +171,21 @@ _HU_MIN, _HU_MAX = -1024.0, 3071.0
 _FLOW_EXPONENT = 2.8
 _LENGTH_PER_DIAMETER = 3.0
 _WALL_PER_DIAMETER = 0.17
+# Relative narrowing of a lumen from its start to its end.
+_TAPER = 0.08
 _MAX_GENERATION = 28
+_ADULT_TRACHEA_MM = 17.0
+# A child turning back towards its parent's start folds onto its own family; real
+# branching angles stay well under 90 degrees.
+_MIN_BRANCHING_COSINE = math.cos(math.radians(80.0))
+# Airway calibres scale with this power of the chest's scale factor (see the module docstring).
+_CALIBRE_EXPONENT = 0.5
+# Resolvability of the airway ground truth (see the module docstring): thinnest lumen in
+# in-plane voxels, shortest branch and surface-to-surface gap between unrelated branches
+# in voxels of the coarsest axis.
+_RESOLVABLE_DIAMETER_VOXELS = 1.5
+_RESOLVABLE_LENGTH_VOXELS = 10.0
+_CLEARANCE_VOXELS = 1.5
 _TERRITORY_POINTS = 120_000
 _MIN_SHAPE = 48
 _MAX_SHAPE = 1024
@@ -407,7 +457,7 @@ class _Chest:
             carina_xyz=(0.0, spine_y - 42.0 * s, carina_z),
             # Airways shrink less than the body on a small grid (as in a child), which
             # keeps enough generations above the voxel size.
-            trachea_d=17.0 * math.sqrt(s) * jitter(),
+            trachea_d=_ADULT_TRACHEA_MM * s**_CALIBRE_EXPONENT * jitter(),
         )
 
     # Surfaces as approximate signed distances (negative inside); arguments broadcast.
@@ -600,12 +650,88 @@ def _branching_angle(ratio: float) -> float:
     return math.acos(float(np.clip(cosine, -1.0, 1.0)))
 
 
+class _Clearance:
+    """Sampled axes of the airway branches placed so far, with their outer (lumen + wall) radii.
+
+    Both daughters of a split are tested before either is added, so siblings never see
+    each other; the parent is excluded by its id.  Samples added since the last k-d tree
+    are checked by brute force until they are worth re-indexing (half the indexed count),
+    so the tree is rebuilt only a logarithmic number of times while the airway grows.
+
+    Parameters
+    ----------
+    gap_mm : float
+        Smallest surface-to-surface distance between unrelated branches.
+    step_mm : float
+        Largest distance between axis samples.
+    """
+
+    def __init__(self, gap_mm: float, step_mm: float) -> None:
+        self.gap_mm = gap_mm
+        self.step_mm = step_mm
+        self._points = np.empty((0, 3))
+        self._radius = np.empty(0)
+        self._owner = np.empty(0, dtype=int)
+        self._indexed = 0
+        self._index: cKDTree | None = None
+        self._indexed_max_radius = 0.0
+
+    def _samples(self, start: np.ndarray, end: np.ndarray) -> np.ndarray:
+        count = max(2, math.ceil(float(np.linalg.norm(end - start)) / self.step_mm) + 1)
+        return start + np.outer(np.linspace(0.0, 1.0, count), end - start)
+
+    def add(self, owner: int, tube: _Tube) -> None:
+        """Record the axis of airway branch number ``owner``."""
+        points = self._samples(tube.start, tube.end)
+        self._points = np.concatenate([self._points, points])
+        self._radius = np.concatenate([self._radius, np.full(len(points), _outer_radius_mm(tube.diameter))])
+        self._owner = np.concatenate([self._owner, np.full(len(points), owner)])
+        if len(self._points) - self._indexed > max(2048, self._indexed // 2):
+            self._index = cKDTree(self._points)
+            self._indexed = len(self._points)
+            self._indexed_max_radius = float(self._radius.max())
+
+    def is_clear(self, start: np.ndarray, end: np.ndarray, diameter: float, parent: int) -> bool:
+        """Whether a branch of ``diameter`` along ``start``-``end`` keeps the gap from all but ``parent``."""
+        probes = self._samples(start, end)
+        needed = _outer_radius_mm(diameter) + self.gap_mm
+        candidates = np.arange(self._indexed, len(self._points))
+        if self._index is not None:
+            near = self._index.query_ball_point(probes, needed + self._indexed_max_radius)
+            candidates = np.concatenate([np.unique(np.concatenate(near)).astype(int), candidates])
+        candidates = candidates[self._owner[candidates] != parent]
+        if len(candidates) == 0:
+            return True
+        distance = np.linalg.norm(probes[:, None, :] - self._points[candidates][None], axis=2)
+        return bool(np.all(distance >= self._radius[candidates][None] + needed))
+
+
+@dataclass(frozen=True)
+class _GrowthLimits:
+    """When a tree stops growing.
+
+    Attributes
+    ----------
+    min_diameter_mm : float
+        Thinner children are not created.
+    min_length_mm : float
+        Shortest length of a child beyond the radii of its parent and itself; one that does
+        not fit at that length is not created.
+    clearance : _Clearance or None
+        Keeps unrelated branches apart (the airway); ``None`` lets branches cross (vessels).
+    """
+
+    min_diameter_mm: float
+    min_length_mm: float
+    clearance: _Clearance | None
+
+
 def _grow_tree(
     tubes: list[_Tube],
     buds: list[tuple[int, np.ndarray]],
     points: np.ndarray,
     inside: Callable[[np.ndarray, float], np.ndarray],
-    min_diameter: float,
+    limits: _GrowthLimits,
     rng: np.random.Generator,
 ) -> None:
     """Grow a space-filling tree (Kitaoka 1999) from ``buds`` = (tube index, territory point indices).
@@ -621,12 +747,12 @@ def _grow_tree(
             continue
         # Dividing plane: through the centroid, containing the branch axis, parallel to the
         # parent's branching plane, so the daughters branch in a plane turned by 90 degrees.
-        # Where the lung's edge leaves no room for both daughters, try turned planes before
-        # making the branch a terminal one.
+        # Where the lung's edge or a neighbouring branch leaves no room for both daughters,
+        # try turned planes before making the branch a terminal one.
         normal = _rotate(_perpendicular(parent.normal, parent.direction), parent.direction, float(rng.normal(0.0, 0.25)))
         for turn in (0.0, math.pi / 4.0, -math.pi / 4.0, math.pi / 2.0):
             children = _split(tubes, index, points, territory, _rotate(normal, parent.direction, turn), inside,
-                              min_diameter, rng)
+                              limits, rng)
             if children is not None:
                 break
         else:
@@ -634,10 +760,12 @@ def _grow_tree(
         for tube, child_territory in children:
             tubes.append(tube)
             queue.append((len(tubes) - 1, child_territory))
+            if limits.clearance is not None:
+                limits.clearance.add(len(tubes) - 1, tube)
 
 
 def _split(tubes: list[_Tube], index: int, points: np.ndarray, territory: np.ndarray, normal: np.ndarray,
-           inside: Callable[[np.ndarray, float], np.ndarray], min_diameter: float,
+           inside: Callable[[np.ndarray, float], np.ndarray], limits: _GrowthLimits,
            rng: np.random.Generator) -> list[tuple[_Tube, np.ndarray]] | None:
     """The two daughters of ``tubes[index]`` for one dividing plane, or None when either cannot be placed."""
     parent = tubes[index]
@@ -651,16 +779,22 @@ def _split(tubes: list[_Tube], index: int, points: np.ndarray, territory: np.nda
     for selected, share, sign in ((side, ratio, 1.0), (~side, 1.0 - ratio, -1.0)):
         # Flow (territory volume) share sets the diameter and the branching angle (Kitaoka 1999).
         diameter = parent.diameter * share ** (1.0 / _FLOW_EXPONENT)
-        if diameter < min_diameter:
+        if diameter < limits.min_diameter_mm:
             return None
         angle = _branching_angle(share)
         planned = math.cos(angle) * direction + math.sin(angle) * sign * normal
         towards = cloud[selected].mean(axis=0) - parent.end
         length = min(_LENGTH_PER_DIAMETER * diameter, max(float(np.linalg.norm(towards)), 1.5 * diameter))
-        length *= float(rng.uniform(0.85, 1.15))
+        # Thinning merges the skeleton over about a radius around each junction: a child's
+        # first parent radius lies in its parent's lumen and its last own radius in its
+        # children's junction, so the resolvable length is counted between the two.
+        shortest = limits.min_length_mm + 0.5 * (parent.diameter + diameter)
+        length = max(length * float(rng.uniform(0.85, 1.15)), shortest)
         # Half the planned angle, half towards the territory's centroid keeps the tree space
-        # filling; near the lung's edge fall back to heading straight for the centroid.
-        placed = _place_child(parent.end, (_unit(planned + _unit(towards)), _unit(towards)), length, diameter, inside)
+        # filling; near the lung's edge or another branch fall back to heading straight for
+        # the centroid, then to the planned angle alone.
+        headings = (_unit(planned + _unit(towards)), _unit(towards), planned)
+        placed = _place_child(parent, index, headings, length, shortest, diameter, inside, limits.clearance)
         if placed is None:
             return None
         heading, length = placed
@@ -671,17 +805,49 @@ def _split(tubes: list[_Tube], index: int, points: np.ndarray, territory: np.nda
     return children
 
 
-def _place_child(start: np.ndarray, headings, length: float, diameter: float,
-                 inside: Callable[[np.ndarray, float], np.ndarray]) -> tuple[np.ndarray, float] | None:
-    """First (heading, length) whose far half keeps the lumen inside the lung, shortening down to 1 diameter."""
+def _place_child(parent: _Tube, index: int, headings, length: float, shortest: float, diameter: float,
+                 inside: Callable[[np.ndarray, float], np.ndarray],
+                 clearance: _Clearance | None) -> tuple[np.ndarray, float] | None:
+    """First (heading, length) whose far half keeps the lumen inside the lung and clear of other branches.
+
+    Headings more than 80 degrees from the parent's axis are turned back to 80 degrees; a
+    child that does not fit is shortened, but never below ``shortest``.
+    """
+    start = parent.end
     for heading in headings:
+        if heading @ parent.direction < _MIN_BRANCHING_COSINE:
+            # Turned back towards the parent's start: keep the side, limit the angle.
+            sine = math.sqrt(1.0 - _MIN_BRANCHING_COSINE**2)
+            heading = _MIN_BRANCHING_COSINE * parent.direction + sine * _perpendicular(heading, parent.direction)
         trial = length
-        while trial >= diameter:
+        while True:
             probe = start + np.outer((0.5, 0.75, 1.0), heading * trial)
-            if np.all(inside(probe, 0.5 * diameter)):
+            # The child's first parent radius lies inside the parent's lumen: what touches it
+            # there touches the parent, which was tested when the parent was placed.
+            if np.all(inside(probe, 0.5 * diameter)) and (
+                clearance is None
+                or clearance.is_clear(start + heading * 0.5 * parent.diameter, start + heading * trial, diameter, index)
+            ):
                 return heading, trial
-            trial *= 0.75
+            if trial <= shortest:
+                break
+            trial = max(0.75 * trial, shortest)
     return None
+
+
+def _growth_limits(spacing_zyx: np.ndarray) -> tuple[_GrowthLimits, _GrowthLimits]:
+    """Limits of the airway tree (resolvable and clear of each other) and of the vessel trees."""
+    in_plane = float(spacing_zyx[1:].min())
+    coarsest = float(spacing_zyx.max())
+    airway = _GrowthLimits(
+        min_diameter_mm=_RESOLVABLE_DIAMETER_VOXELS * in_plane,
+        min_length_mm=_RESOLVABLE_LENGTH_VOXELS * coarsest,
+        clearance=_Clearance(gap_mm=_CLEARANCE_VOXELS * coarsest, step_mm=0.5 * float(spacing_zyx.min())),
+    )
+    # Vessels are image content only: they may cross, run down to what can be rendered, and
+    # be as short as their junctions.
+    vessels = _GrowthLimits(min_diameter_mm=max(0.6, float(np.mean(spacing_zyx))), min_length_mm=0.0, clearance=None)
+    return airway, vessels
 
 
 def _territory_points(chest: _Chest, extent_xyz: np.ndarray, rng: np.random.Generator):
@@ -704,7 +870,8 @@ class _Trees:
     veins: list[_Tube]
 
 
-def _build_trees(chest: _Chest, extent_xyz: np.ndarray, min_diameter: float, rng: np.random.Generator) -> _Trees:
+def _build_trees(chest: _Chest, extent_xyz: np.ndarray, airway_limits: _GrowthLimits, vessel_limits: _GrowthLimits,
+                 rng: np.random.Generator) -> _Trees:
     s = chest.scale
     right_points, left_points = _territory_points(chest, extent_xyz, rng)
 
@@ -717,11 +884,14 @@ def _build_trees(chest: _Chest, extent_xyz: np.ndarray, min_diameter: float, rng
     coronal = np.array([0.0, 1.0, 0.0])
     tubes = [_Tube(top, carina.copy(), chest.trachea_d, 0, None, coronal)]
     # Main bronchi: the right one shorter, steeper and wider (it carries the larger lung).
+    # Their lengths keep the adult proportion to the trachea's calibre (which shrinks less
+    # than the chest), so that each stays longer than the junctions at its two ends.
+    calibre = chest.trachea_d / _ADULT_TRACHEA_MM
     ratio_right = len(right_points) / (len(right_points) + len(left_points))
     buds = []
     for side, points, angle_deg, length, ratio in (
-        (-1.0, right_points, 30.0, 28.0 * s, ratio_right),
-        (1.0, left_points, 48.0, 46.0 * s, 1.0 - ratio_right),
+        (-1.0, right_points, 30.0, 28.0 * calibre, ratio_right),
+        (1.0, left_points, 48.0, 46.0 * calibre, 1.0 - ratio_right),
     ):
         angle = math.radians(angle_deg + float(rng.normal(0.0, 2.0)))
         heading = _unit(np.array([side * math.sin(angle), 0.12, -math.cos(angle)]))
@@ -735,7 +905,10 @@ def _build_trees(chest: _Chest, extent_xyz: np.ndarray, min_diameter: float, rng
         tubes.append(_Tube(carina.copy(), end, diameter, 1, 0, normal))
         buds.append((len(tubes) - 1, np.arange(len(points)) + (0 if side < 0 else len(right_points))))
     all_points = np.concatenate([right_points, left_points])
-    _grow_tree(tubes, buds, all_points, inside, min_diameter, rng)
+    if airway_limits.clearance is not None:
+        for index, tube in enumerate(tubes):
+            airway_limits.clearance.add(index, tube)
+    _grow_tree(tubes, buds, all_points, inside, airway_limits, rng)
 
     arteries = _accompanying_arteries(tubes, chest)
 
@@ -752,12 +925,17 @@ def _build_trees(chest: _Chest, extent_xyz: np.ndarray, min_diameter: float, rng
             hilum = hilum + np.array([np.sign(tube.end[0]) * 6.0 * s, 0.0, 0.0])
         veins.append(_Tube(atrium.copy(), hilum, 0.8 * tube.diameter, 1, None, np.array([0.0, 0.0, 1.0])))
         vein_buds.append((len(veins) - 1, np.arange(count) + offset))
-    _grow_tree(veins, vein_buds, all_points, inside, min_diameter, rng)
+    _grow_tree(veins, vein_buds, all_points, inside, vessel_limits, rng)
     return _Trees(tubes, arteries, veins)
 
 
 def _wall_mm(diameter: float) -> float:
     return _WALL_PER_DIAMETER * diameter
+
+
+def _outer_radius_mm(diameter: float) -> float:
+    """Largest radius of a branch's lumen plus wall (at its start, where the taper is widest)."""
+    return diameter / 2.0 * (1.0 + _TAPER / 2.0) + _wall_mm(diameter)
 
 
 def _accompanying_arteries(airway: list[_Tube], chest: _Chest) -> list[_Tube]:
@@ -860,14 +1038,15 @@ def _sample_centreline(tube: _Tube, grid: _Grid) -> tuple[np.ndarray, np.ndarray
     count = max(2, int(math.ceil(length / (0.5 * float(grid.spacing_zyx.min())))) + 1)
     t = np.linspace(0.0, 1.0, count)
     points = tube.start + np.outer(t, tube.end - tube.start)
-    radius = tube.diameter / 2.0 * (1.04 - 0.08 * t)
+    radius = tube.diameter / 2.0 * (1.0 + _TAPER / 2.0 - _TAPER * t)
     return points, radius
 
 
 def _rasterise_airway(grid: _Grid, branches: list[PhantomBranch]) -> _AirwayRaster:
     outer = np.zeros(grid.shape_zyx, dtype=np.float32)
     lumen = np.zeros(grid.shape_zyx, dtype=np.float32)
-    classes = np.zeros(grid.shape_zyx, dtype=np.uint8)
+    inside = np.zeros(grid.shape_zyx, dtype=bool)
+    nearest_class = np.zeros(grid.shape_zyx, dtype=np.uint8)
     nearest = np.full(grid.shape_zyx, np.inf, dtype=np.float32)
     edge = grid.edge_mm
     for branch in branches:  # parents first: on a distance tie the lower generation keeps the voxel
@@ -879,17 +1058,21 @@ def _rasterise_airway(grid: _Grid, branches: list[PhantomBranch]) -> _AirwayRast
         box, distance, lumen_radius = found
         np.maximum(outer[box], _fraction(distance - lumen_radius - wall, edge), out=outer[box])
         np.maximum(lumen[box], _fraction(distance - lumen_radius, edge), out=lumen[box])
-        closer = (distance <= lumen_radius) & (distance < nearest[box])
+        inside[box] |= distance <= lumen_radius
+        # The nearest axis is tracked outside this branch's own lumen too: the rounded end of
+        # a parent reaching past the junction then goes to the child whose axis is nearer,
+        # instead of leaving an island of the parent's class among the child's voxels.
+        closer = distance < nearest[box]
         nearest[box][closer] = distance[closer]
-        classes[box][closer] = branch.airway_class
-        # Voxels the axis passes through belong to the lumen even when the branch is thinner
-        # than a voxel; joined face to face, they keep every branch 6-connected to its parent.
+        nearest_class[box][closer] = branch.airway_class
+        # Voxels the axis passes through belong to the lumen even where the rendered lumen
+        # misses them; joined face to face, they keep every branch 6-connected to its parent.
         index = _face_connected(grid.to_index(points))
         keep = np.all((index >= 0) & (index < grid.shape_zyx), axis=1)
-        k, j, i = index[keep].T
-        unset = classes[k, j, i] == 0
-        classes[k[unset], j[unset], i[unset]] = branch.airway_class
-    return _AirwayRaster(outer, lumen, classes)
+        inside[tuple(index[keep].T)] = True
+    del nearest
+    nearest_class[~inside] = 0
+    return _AirwayRaster(outer, lumen, nearest_class)
 
 
 def _face_connected(index: np.ndarray) -> np.ndarray:
@@ -1017,10 +1200,8 @@ def generate_phantom(
 
     report(0.0, "laying out the chest")
     chest = _Chest.layout(extent, rng)
-    # A lumen thinner than about one voxel cannot be rendered; stop the tree there.
-    min_diameter = max(0.6, float(np.mean(spacing)))
     report(0.05, "growing the airway and vessel trees")
-    trees = _build_trees(chest, extent, min_diameter, rng)
+    trees = _build_trees(chest, extent, *_growth_limits(spacing), rng)
     branches = _to_branches(trees.airway, grid)
     report(0.2, "rendering the body, lungs, heart and spine")
     hu, lungs = _render_anatomy(grid, chest, rng)
