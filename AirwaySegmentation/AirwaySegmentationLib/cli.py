@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -72,11 +74,30 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .train import train
+    from .train_config import load_config
+
+    config = load_config(args.config)
+    result = train(
+        config, args.out, progress=TextProgressBar(), resume=not args.no_resume, init=args.init,
+        command=args.command_line,
+    )
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0  # under torchrun, rank 0 speaks for the run
+    score = "no validation volumes" if result.best_score is None else f"mean ATM'22 score {result.best_score:.2f}"
+    print(
+        f"{result.epochs} epochs, {result.iterations} iterations; best model (epoch {result.best_epoch}, {score}) "
+        f"-> {result.best_model}"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``airway`` command (exposed for documentation and tests)."""
     parser = argparse.ArgumentParser(
         prog="airway",
-        description="Airway tree segmentation in chest CT: phantoms, tree labels, evaluation.",
+        description="Airway tree segmentation in chest CT: phantoms, tree labels, evaluation, training.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -132,12 +153,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("--json", default=None, help="write the metrics as JSON to this file ('-' for stdout only)")
     evaluate.set_defaults(run=_cmd_evaluate)
+
+    train = commands.add_parser(
+        "train",
+        help="train a stage-1 airway network from a TOML configuration",
+        description="Train a stage-1 network (WingsNet, FR/AD U-Net, PWFR U-Net) on an ATM'22-layout folder "
+        "and/or synthetic phantoms as set in a TOML file (see Resources/Training/). Writes last.pt/last.json "
+        "(checkpoint, resumed automatically), log.csv, and best.safetensors + best.json (the best model on "
+        "the validation volumes and its model card) into --out. Under torchrun it trains with DDP. "
+        "Python: AirwaySegmentationLib.train.load_config + train.",
+    )
+    train.add_argument("config", type=Path, help="training configuration (.toml)")
+    train.add_argument("--out", required=True, type=Path, help="run folder (checkpoints, log, best model)")
+    train.add_argument("--init", type=Path, default=None, help="fine-tune from this model (.safetensors with its .json card)")
+    train.add_argument("--no-resume", action="store_true", help="start over even if --out holds a checkpoint")
+    train.set_defaults(run=_cmd_train)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``airway`` command; returns the exit status."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.command_line = shlex.join(["airway", *argv])  # recorded in model cards
     try:
         return args.run(args)
     except AirwayInputError as error:

@@ -1,0 +1,244 @@
+"""Bundled and trained models: safetensors weights + a JSON model card, and the catalogue.
+
+A model ``NAME`` is two files side by side:
+
+- ``NAME.safetensors``: the network's state dict (``safetensors.torch.save_file``).  Weights
+  are only ever read with safetensors, which holds tensors and nothing that runs: a model
+  file from a colleague or a download cannot execute code (``torch.load`` of a pickle can).
+- ``NAME.json``: the model card: how to build the network (``architecture``: name and
+  keyword arguments for :func:`~AirwaySegmentationLib.networks.build_network`), how to
+  prepare its input (``input_spec``, :meth:`~AirwaySegmentationLib.preprocess.InputSpec.as_dict`),
+  the patch size, what it was trained on and with which command, its validation metrics,
+  the parameter count, the creation date, an ``interpretation`` note where the method is
+  our reading of an incomplete paper, and the ``sha256`` of the weights file, checked on
+  every load so a changed or truncated file is refused.
+
+The bundled models are listed as data in ``Resources/Models/catalogue.json`` (schema and
+version, then one entry per model: name, file, default flag, expected CPU / GPU seconds per
+CT or null).  It lists no model until one is trained: no placeholder weights are shipped.
+
+Examples
+--------
+>>> from AirwaySegmentationLib.networks import build_network
+>>> net = build_network("wingsnet", base_width=2)
+>>> card = {"architecture": {"name": "wingsnet", "kwargs": {"base_width": 2}}}
+>>> paths = export_model(net, card, "out/tiny")  # doctest: +SKIP
+>>> model, card = load_model("out/tiny.safetensors")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .errors import AirwayInputError
+from .networks import NETWORKS, build_network
+from .volume import atomic_outputs
+
+#: Where the extension keeps its bundled models (``Resources/Models`` of the repository).
+BUNDLED_MODELS_DIR = Path(__file__).resolve().parents[2] / "Resources" / "Models"
+CATALOGUE_FILE = "catalogue.json"
+#: Version of the catalogue and model-card layout written here.
+CARD_VERSION = 1
+#: Networks whose method is our interpretation of a paper that is only partly available
+#: (METHODS.md section 4); the note goes into every card of such a model.
+INTERPRETATIONS = {
+    "pwfr_unet": (
+        "Interpretation: PWFR/AttdKD (Zhang 2026) is implemented from its abstract only "
+        "(pointwise recalibration, spatial and channel attention distillation between stages); "
+        "it is not the authors' code."
+    ),
+}
+WEIGHTS_SUFFIX = ".safetensors"
+CARD_SUFFIX = ".json"
+
+
+def sha256_of_file(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file's bytes, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for chunk in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def model_paths(path: str | os.PathLike) -> tuple[Path, Path]:
+    """``(NAME.safetensors, NAME.json)`` for ``NAME``, ``NAME.safetensors`` or ``NAME.json``."""
+    path = Path(path)
+    if path.name.endswith(WEIGHTS_SUFFIX) or path.name.endswith(CARD_SUFFIX):
+        path = path.with_suffix("")
+    return path.with_name(path.name + WEIGHTS_SUFFIX), path.with_name(path.name + CARD_SUFFIX)
+
+
+def parameter_count(model: nn.Module) -> int:
+    """Number of trainable and frozen parameters."""
+    return sum(parameter.numel() for parameter in model.parameters())
+
+
+def _architecture(card: Mapping) -> tuple[str, dict]:
+    architecture = card.get("architecture")
+    if not isinstance(architecture, Mapping) or architecture.get("name") not in NETWORKS:
+        raise AirwayInputError(
+            f"The model card's architecture {architecture!r} is not usable; expected "
+            f"{{'name': one of {', '.join(sorted(NETWORKS))}, 'kwargs': {{...}}}}."
+        )
+    kwargs = architecture.get("kwargs", {})
+    if not isinstance(kwargs, Mapping):
+        raise AirwayInputError(f"The model card's architecture kwargs {kwargs!r} are not a table; expected a JSON object.")
+    return architecture["name"], dict(kwargs)
+
+
+def export_model(model: nn.Module, card: Mapping, path: str | os.PathLike) -> tuple[Path, Path]:
+    """Write ``NAME.safetensors`` and its model card ``NAME.json``, both or neither.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The network (unwrapped from DDP); its state dict is saved on the CPU.
+    card : mapping
+        At least ``architecture`` (``{"name": ..., "kwargs": {...}}``, as given to
+        :func:`~AirwaySegmentationLib.networks.build_network`); usually also ``input_spec``,
+        ``patch_size_zyx``, ``training`` (data description, command) and ``validation``
+        (metrics).  Added here: ``card_version``, ``weights_file``, ``parameter_count``,
+        ``sha256``, ``created`` (UTC, ISO 8601) and ``interpretation`` (null unless the
+        architecture is an interpretation, see :data:`INTERPRETATIONS`).
+    path : str or path-like
+        ``NAME`` (with or without ``.safetensors``); the folder is created.
+
+    Returns
+    -------
+    tuple of pathlib.Path
+        The weights and card paths.
+    """
+    name, _ = _architecture(card)
+    weights_path, card_path = model_paths(path)
+    # Channels-last weights are strided views; safetensors stores plain contiguous tensors.
+    state = {key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()}
+    with atomic_outputs([weights_path, card_path]) as (weights_tmp, card_tmp):
+        save_file(state, str(weights_tmp))
+        full_card = {
+            "card_version": CARD_VERSION,
+            **card,
+            "weights_file": weights_path.name,
+            "parameter_count": parameter_count(model),
+            "sha256": sha256_of_file(weights_tmp),
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "interpretation": INTERPRETATIONS.get(name),
+        }
+        card_tmp.write_text(json.dumps(full_card, indent=2) + "\n")
+    return weights_path, card_path
+
+
+def read_model_card(path: str | os.PathLike) -> dict:
+    """The model card of ``NAME`` / ``NAME.safetensors`` / ``NAME.json`` (no weights read)."""
+    _, card_path = model_paths(path)
+    if not card_path.is_file():
+        raise AirwayInputError(f"Model card {card_path} not found; a model is NAME.safetensors with NAME.json beside it.")
+    try:
+        card = json.loads(card_path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise AirwayInputError(f"Model card {card_path} is not valid JSON ({error}); re-export the model.") from None
+    if not isinstance(card, dict):
+        raise AirwayInputError(f"Model card {card_path} is not a JSON object; re-export the model.")
+    return card
+
+
+def load_model(
+    path_or_name: str | os.PathLike, device: torch.device | str = "cpu", models_dir: str | os.PathLike | None = None
+) -> tuple[nn.Module, dict]:
+    """Build a network from its card and load its weights, after checking their SHA-256.
+
+    Parameters
+    ----------
+    path_or_name : str or path-like
+        A bundled model's name (see :func:`catalogue`) or a path to ``NAME``,
+        ``NAME.safetensors`` or ``NAME.json``.
+    device : torch.device or str
+        Where the model is put.
+    models_dir : path-like, optional
+        Folder of the catalogue (default: the bundled models).
+
+    Returns
+    -------
+    model : torch.nn.Module
+        In eval mode, on ``device``.
+    card : dict
+        The model card.
+
+    Raises
+    ------
+    AirwayInputError
+        A missing file, a card that does not describe a known network, weights whose
+        SHA-256 differs from the card's, a file that is not safetensors, or weights that do
+        not fit the architecture.
+    """
+    path = Path(path_or_name)
+    entries = {entry["name"]: entry for entry in catalogue(models_dir)} if not path.suffix else {}
+    if str(path_or_name) in entries:
+        path = Path(models_dir or BUNDLED_MODELS_DIR) / entries[str(path_or_name)]["file"]
+    weights_path, _ = model_paths(path)
+    card = read_model_card(path)
+    if not weights_path.is_file():
+        raise AirwayInputError(f"Model weights {weights_path} not found; copy the .safetensors file beside its card.")
+    if sha256_of_file(weights_path) != card.get("sha256"):
+        raise AirwayInputError(
+            f"The weights {weights_path} do not match the SHA-256 in their model card; the file is changed or "
+            "incomplete, copy or download it again."
+        )
+    name, kwargs = _architecture(card)
+    try:
+        state = load_file(str(weights_path))
+    except (SafetensorError, OSError) as error:
+        raise AirwayInputError(
+            f"{weights_path} is not a safetensors file ({error}); only safetensors weights are loaded."
+        ) from None
+    try:
+        model = build_network(name, **kwargs)
+        model.load_state_dict(state)
+    except (TypeError, ValueError, RuntimeError) as error:
+        first_line = str(error).strip().splitlines()[0]
+        raise AirwayInputError(
+            f"The weights {weights_path} do not fit the card's architecture {name} ({first_line}); re-export the model."
+        ) from None
+    return model.to(device).eval(), card
+
+
+def catalogue(models_dir: str | os.PathLike | None = None) -> list[dict]:
+    """The bundled models listed in ``catalogue.json`` (possibly none).
+
+    Each entry has ``name``, ``file`` (the ``.safetensors`` name, its card beside it),
+    ``default`` (bool) and ``cpu_seconds`` / ``gpu_seconds`` (expected time per CT, or null).
+    """
+    path = Path(models_dir or BUNDLED_MODELS_DIR) / CATALOGUE_FILE
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return []
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise AirwayInputError(f"The model catalogue {path} is not valid JSON ({error}); fix or restore it.") from None
+    models = data.get("models") if isinstance(data, dict) else None
+    if not isinstance(models, list) or not all(
+        isinstance(entry, dict) and isinstance(entry.get("name"), str) and isinstance(entry.get("file"), str)
+        for entry in models
+    ):
+        raise AirwayInputError(
+            f"The model catalogue {path} is malformed; expected {{'models': [{{'name': ..., 'file': ...}}, ...]}}."
+        )
+    return models
+
+
+def default_model_name(models_dir: str | os.PathLike | None = None) -> str:
+    """Name of the catalogue's default model (the first flagged ``default``, else the first)."""
+    models = catalogue(models_dir)
+    if not models:
+        raise AirwayInputError("There is no bundled model yet; train one with airway train.")
+    return next((entry for entry in models if entry.get("default")), models[0])["name"]

@@ -1,0 +1,680 @@
+"""Stage-1 training: a TOML configuration, a resumable loop, DDP, mixed precision, export.
+
+The recipe is METHODS.md section 5 (Tang; Qin; Zheng): 128^3 crops drawn at random, where
+the model misses (hard mining) and on small airways; AdamW at lr 1e-4; the union loss
+scheduled from plain Dice to the local-imbalance weight to local-imbalance plus
+centerline-distance weight; group supervision of every output the network gives
+(``SegmentationOutput.aux``); attention distillation for networks that expose
+``SegmentationOutput.features``.  The loop knows no particular network: it builds one by
+name (:func:`~AirwaySegmentationLib.networks.build_network`) and reads its
+:class:`~AirwaySegmentationLib.networks.SegmentationOutput`.
+
+Outputs in ``out_dir``:
+
+- ``last.pt`` + ``last.json``: the checkpoint, written atomically (with ``log.csv``) at the
+  end of every epoch.  ``last.pt`` holds only state dicts of tensors (model, optimizer,
+  LR scheduler, gradient scaler) and is read with ``torch.load(weights_only=True)``;
+  ``last.json`` holds the rest (epoch, iteration, best score, the log rows, the config).
+- ``log.csv``: one row per epoch (losses, validation metrics, learning rate, seconds);
+  TensorBoard event files too when ``tensorboard`` is installed.
+- ``best.safetensors`` + ``best.json``: the model with the best mean ATM'22 score on the
+  validation volumes and its model card (:func:`~AirwaySegmentationLib.models.export_model`).
+
+Resume: :func:`train` continues from ``last.pt`` after a kill, from the start of the epoch
+after the last one saved.  Every random source (patches, augmentation, dropout, the loss's
+random roots) is reseeded from ``(seed, rank, epoch)`` at the start of an epoch, so the
+epoch number is the whole random state and a resumed run repeats an uninterrupted one.
+
+DDP: launched by ``torchrun`` (``RANK`` / ``WORLD_SIZE`` set) every process trains a
+replica wrapped in ``DistributedDataParallel`` (gloo on CPU, NCCL on CUDA) on its own stream
+of patches (seeded by rank); hard mining predicts a share of the training volumes on each
+rank; only rank 0 validates and writes.
+
+Precision: ``auto`` is bfloat16 autocast on CPUs with native bfloat16 (AVX-512-BF16 or AMX)
+and on CUDA devices that support it, float16 with a gradient scaler on older GPUs, float32
+otherwise; weights are channels-last 3D on the CPU (oneDNN's fast layout).
+
+Examples
+--------
+>>> from AirwaySegmentationLib.train_config import load_config
+>>> config = load_config("Resources/Training/phantom_wingsnet.toml")  # doctest: +SKIP
+>>> result = train(config, "runs/wingsnet", progress=TextProgressBar())  # doctest: +SKIP
+>>> result.best_score  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import datetime
+import json
+import math
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader
+
+from .data import (
+    TrainingVolume,
+    find_cases,
+    load_case,
+    phantom_seeds,
+    phantom_training_volume,
+)
+from .errors import AirwayInputError
+from .infer import autocast, predict_volume, probabilities_to_classes, resolve_precision
+from .losses import (
+    AttentionDistillationLoss,
+    DeepTreeLoss,
+    DiceFocalLoss,
+    GeneralUnionLoss,
+    TangUnionLoss,
+)
+from .metrics import evaluate_airway
+from .models import export_model, load_model
+from .networks import SegmentationOutput, build_network
+from .preprocess import DEFAULT_INPUT_SPEC, InputSpec
+from .progress import ProgressCallback, report
+from .sampling import Augmentation, PatchDataset, PatchSampler
+from .train_config import (
+    UNION_LOSSES,
+    DataConfig,
+    LossConfig,
+    RuntimeConfig,
+    ScheduleConfig,
+    TrainConfig,
+)
+from .tree import parse_airway_tree
+from .volume import atomic_outputs
+
+CHECKPOINT_VERSION = 1
+LOG_COLUMNS = (
+    "epoch", "iteration", "phase", "loss", "loss_main", "loss_aux", "loss_distillation",
+    "td", "bd", "dsc", "precision", "atm22_score", "lr", "seconds_per_iteration", "seconds",
+)
+
+
+# --------------------------------------------------------------------------------------
+# Devices, precision, processes
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where and how this process trains.
+
+    Attributes
+    ----------
+    device : torch.device
+    dtype : torch.dtype
+        Autocast dtype (float32: none).
+    rank, world_size : int
+        This process among the DDP processes (0 of 1 without DDP).
+    owns_process_group : bool
+        The process group was started here (and is ended by :func:`train`).
+    """
+
+    device: torch.device
+    dtype: torch.dtype
+    rank: int = 0
+    world_size: int = 1
+    owns_process_group: bool = False
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def start_runtime(config: RuntimeConfig) -> Runtime:
+    """The device and precision, joining the DDP process group when launched by ``torchrun``."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise AirwayInputError("runtime.device is cuda but no CUDA device is available; use auto or cpu.")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    dtype = resolve_precision(config.precision, device)
+    start_group = world_size > 1 and not dist.is_initialized()
+    if start_group:
+        # Rank 0 validates while the others wait at a barrier: allow long validations.
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=2))
+    return Runtime(device, dtype, rank, world_size, start_group)
+
+
+def _barrier(runtime: Runtime) -> None:
+    if runtime.distributed:
+        dist.barrier()
+
+
+def _seed(config: TrainConfig, runtime: Runtime, epoch: int, purpose: int) -> int:
+    """A seed for one random source of one rank and epoch (see "Resume" in the module docstring)."""
+    return int(np.random.SeedSequence([config.seed, runtime.rank, epoch, purpose]).generate_state(1)[0])
+
+
+# --------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------
+
+
+def load_training_volumes(
+    data: DataConfig, progress: ProgressCallback | None = None
+) -> tuple[list[TrainingVolume], list[TrainingVolume]]:
+    """The training and validation volumes of a :class:`DataConfig` (ATM folder, then phantoms)."""
+    jobs: list[tuple[str, Any]] = []
+    if data.atm_root is not None:
+        cases = find_cases(data.atm_root)
+        if data.atm_validation_cases >= len(cases):
+            raise AirwayInputError(
+                f"data.atm_validation_cases is {data.atm_validation_cases} but {data.atm_root} holds "
+                f"{len(cases)} cases; leave at least one for training."
+            )
+        cut = len(cases) - data.atm_validation_cases
+        jobs += [("train" if i < cut else "validation", lambda c=case: load_case(c, data.margin_mm)) for i, case in enumerate(cases)]
+    if data.phantoms is not None:
+        p = data.phantoms
+        for split, count in (("train", p.train), ("validation", p.validation)):
+            for i, seed in enumerate(phantom_seeds(split, count)):
+                variant = p.variants[i % len(p.variants)]
+                jobs.append((split, lambda s=seed, v=variant: phantom_training_volume(s, v, p.shape_zyx, p.spacing_zyx, data.margin_mm)))
+    volumes: dict[str, list[TrainingVolume]] = {"train": [], "validation": []}
+    for index, (split, load) in enumerate(jobs):
+        report(progress, index / len(jobs), f"loading training data ({index + 1}/{len(jobs)})")
+        volumes[split].append(load())
+    return volumes["train"], volumes["validation"]
+
+
+# --------------------------------------------------------------------------------------
+# Loss
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class LossTerms:
+    """The loss of one step and its parts (``total`` carries the gradient)."""
+
+    total: torch.Tensor
+    main: float
+    aux: float
+    distillation: float
+
+
+class TrainingLoss(nn.Module):
+    """The configured loss, in the phase of the current iteration, on a :class:`SegmentationOutput`.
+
+    ``forward(output, batch, iteration)``: the loss of ``output.main`` plus, with group
+    supervision, of every ``output.aux`` (weight 1 each, WingsNet), plus attention
+    distillation over ``output.features`` when the network gives them.  ``batch`` is the
+    :class:`~AirwaySegmentationLib.sampling.PatchDataset` batch (labels and loss weights).
+    See :class:`LossConfig` and :class:`ScheduleConfig` for what each phase is.
+    """
+
+    def __init__(self, config: LossConfig, schedule: ScheduleConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.schedule = schedule
+        # Tang's random roots r ~ U[2, 3]; reseeded every epoch by the loop.
+        self.tang = TangUnionLoss(rng=np.random.default_rng(0))
+        union = self.config.name if self.config.name in UNION_LOSSES else self.config.union
+        if union == "tang":
+            phases = [
+                (GeneralUnionLoss(alpha=0.5, exponent=1.0), None),  # plain Dice: 2I / (P + G)
+                (self.tang, None),  # Tang eq. 2 with w = w_p
+                (self.tang, "centerline_weight"),  # Tang eq. 2 with w = w_p + w_d
+            ]
+        else:
+            phases = [
+                (GeneralUnionLoss(alpha=0.1), None),  # root Tversky (w = 1)
+                (GeneralUnionLoss(alpha=0.1), "gul_weight"),
+                (GeneralUnionLoss(alpha=0.2), "gul_weight"),  # Zheng's later stage
+            ]
+        if self.config.name == "deeptree":
+            class_loss = DiceFocalLoss(gamma=0.0, eps=1e-5)
+            phases = [(DeepTreeLoss(class_loss, union_loss), key) for union_loss, key in phases]
+        elif self.config.name == "dice_focal":
+            phases = [(DiceFocalLoss(), None)] * 3
+        self.phases = phases
+        self.distillation = (
+            AttentionDistillationLoss(alpha=config.distillation_weight, channel=config.distillation_channel)
+            if config.distillation_weight > 0
+            else None
+        )
+
+    def reseed(self, seed: int) -> None:
+        """Restart the random roots of Tang's local-imbalance weight from ``seed``."""
+        self.tang.rng = np.random.default_rng(seed)
+
+    def _term(self, logits: torch.Tensor, batch: Mapping[str, torch.Tensor], phase: int) -> torch.Tensor:
+        loss, weight_key = self.phases[phase - 1]
+        if weight_key is None:
+            return loss(logits, batch["labels"])
+        return loss(logits, batch["labels"], batch[weight_key])
+
+    def forward(self, output: SegmentationOutput, batch: Mapping[str, torch.Tensor], iteration: int) -> LossTerms:
+        phase = self.schedule.phase(iteration)
+        main = self._term(output.main, batch, phase)
+        total = main
+        aux = torch.zeros((), device=main.device)
+        if self.config.group_supervision:
+            for logits in output.aux:
+                aux = aux + self._term(logits, batch, phase)
+            total = total + aux
+        distillation = torch.zeros((), device=main.device)
+        if self.distillation is not None and len(output.features) >= 2:
+            distillation = self.distillation(output.features)
+            total = total + distillation
+        return LossTerms(total, float(main.detach()), float(aux.detach()), float(distillation.detach()))
+
+
+# --------------------------------------------------------------------------------------
+# Validation and hard mining
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Validator:
+    """Validation volumes with their reference trees parsed once."""
+
+    volumes: list[TrainingVolume]
+    trees: list = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.trees = [parse_airway_tree(v.labels3 > 0, v.spacing_zyx, connectivity=6) for v in self.volumes]
+
+    def __call__(self, model: nn.Module, config: TrainConfig, spec: InputSpec, runtime: Runtime) -> dict[str, float]:
+        """Mean TD, BD, DSC, precision and ATM'22 score (percent) over the validation volumes."""
+        scores = []
+        for volume, tree in zip(self.volumes, self.trees):
+            classes = probabilities_to_classes(_predict(model, volume, config, spec, runtime))
+            metrics = evaluate_airway(
+                classes > 0, volume.labels3 > 0, volume.spacing_zyx, "atm22",
+                gt_classes_zyx=volume.labels3, gt_tree=tree, pred_classes_zyx=classes,
+            )
+            scores.append([metrics.td, metrics.bd, metrics.dsc, metrics.precision, metrics.atm22_score])
+        return dict(zip(("td", "bd", "dsc", "precision", "atm22_score"), np.mean(scores, axis=0).tolist()))
+
+
+def _predict(model: nn.Module, volume: TrainingVolume, config: TrainConfig, spec: InputSpec, runtime: Runtime) -> np.ndarray:
+    probabilities = predict_volume(
+        model, volume.ct.array_zyx, spec, config.sampling.patch_size_zyx, config.validation.overlap_zyx,
+        config.validation.blending, runtime.device, runtime.dtype, config.runtime.channels_last,
+    )
+    model.train()
+    return probabilities
+
+
+def _miss_masks(
+    model: nn.Module, volumes: Sequence[TrainingVolume], config: TrainConfig, spec: InputSpec, runtime: Runtime
+) -> list[np.ndarray]:
+    """Hard-mining masks ``label & ~prediction`` of every training volume, shared by all ranks."""
+    mine = {}
+    for index in range(runtime.rank, len(volumes), runtime.world_size):
+        volume = volumes[index]
+        missed = (volume.labels3 > 0) & (probabilities_to_classes(_predict(model, volume, config, spec, runtime)) == 0)
+        mine[index] = np.packbits(missed)
+    if runtime.distributed:
+        gathered: list[dict] = [{} for _ in range(runtime.world_size)]
+        dist.all_gather_object(gathered, mine)
+        mine = {index: bits for part in gathered for index, bits in part.items()}
+    return [
+        np.unpackbits(mine[i], count=v.labels3.size).reshape(v.labels3.shape).astype(bool)
+        for i, v in enumerate(volumes)
+    ]
+
+
+# --------------------------------------------------------------------------------------
+# Checkpoints and log
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainState:
+    """The non-tensor state of a run, kept in ``last.json``.
+
+    Attributes
+    ----------
+    epoch : int
+        Epochs finished.
+    iteration : int
+        Optimizer steps done.
+    best_score : float or None
+        Best mean ATM'22 score so far (None: not validated yet).
+    best_epoch : int or None
+        The epoch (1-based) that gave it.
+    log : list of dict
+        The rows of ``log.csv``.
+    """
+
+    epoch: int = 0
+    iteration: int = 0
+    best_score: float | None = None
+    best_epoch: int | None = None
+    log: list[dict] = field(default_factory=list)
+
+
+def _checkpoint_paths(out_dir: Path) -> tuple[Path, Path, Path]:
+    return out_dir / "last.pt", out_dir / "last.json", out_dir / "log.csv"
+
+
+def _save_checkpoint(
+    out_dir: Path, tensors: dict[str, Any], state: TrainState, config: TrainConfig, spec: InputSpec, world_size: int
+) -> None:
+    """``last.pt``, ``last.json`` and ``log.csv``, all three or none."""
+    sidecar = {
+        "checkpoint_version": CHECKPOINT_VERSION,
+        **dataclasses.asdict(state),
+        "config": config.as_dict(),
+        "input_spec": spec.as_dict(),
+        "world_size": world_size,  # processes that trained the last epoch (information only)
+    }
+    with atomic_outputs(list(_checkpoint_paths(out_dir))) as (pt_tmp, json_tmp, csv_tmp):
+        # The iteration is stored on both sides so a mismatched pair is caught on load.
+        torch.save({**tensors, "iteration": torch.tensor(state.iteration)}, pt_tmp)
+        json_tmp.write_text(json.dumps(sidecar, indent=1) + "\n")
+        with open(csv_tmp, "w", newline="") as stream:
+            writer = csv.DictWriter(stream, fieldnames=LOG_COLUMNS)
+            writer.writeheader()
+            writer.writerows(state.log)
+
+
+def _comparable(config: dict) -> dict:
+    """A config without the keys a resumed run may change (the run length)."""
+    return {**config, "schedule": {**config["schedule"], "epochs": None}}
+
+
+def _load_checkpoint(out_dir: Path, config: TrainConfig) -> tuple[dict, TrainState, InputSpec] | None:
+    """The checkpoint in ``out_dir`` (tensors, state, input spec), or None when there is none."""
+    pt_path, json_path, _ = _checkpoint_paths(out_dir)
+    if not pt_path.is_file():
+        return None
+    try:
+        sidecar = json.loads(json_path.read_text())
+        tensors = torch.load(pt_path, map_location="cpu", weights_only=True)
+    except (OSError, ValueError, RuntimeError) as error:
+        raise AirwayInputError(
+            f"The checkpoint in {out_dir} cannot be read ({type(error).__name__}); train with --no-resume or another --out."
+        ) from None
+    if int(tensors.get("iteration", -1)) != sidecar.get("iteration"):
+        raise AirwayInputError(f"{pt_path} and {json_path} are from different iterations; train with --no-resume.")
+    if _comparable(sidecar.get("config", {})) != _comparable(config.as_dict()):
+        raise AirwayInputError(
+            f"{out_dir} holds a run with another configuration; train with --no-resume to start over or give another --out."
+        )
+    state = TrainState(**{f.name: sidecar[f.name] for f in dataclasses.fields(TrainState)})
+    return tensors, state, InputSpec.from_dict(sidecar["input_spec"])
+
+
+def _tensorboard(out_dir: Path, purge_step: int):
+    """A TensorBoard writer when ``tensorboard`` is installed, else None (it is optional)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(out_dir / "tensorboard"), purge_step=purge_step)
+
+
+# --------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainResult:
+    """What a finished run left behind.
+
+    Attributes
+    ----------
+    out_dir : pathlib.Path
+    best_model : pathlib.Path
+        ``best.safetensors`` (its card ``best.json`` beside it).
+    best_score : float or None
+        Its mean validation ATM'22 score (None without validation volumes: the last model).
+    best_epoch : int
+        1-based epoch of the best model.
+    epochs : int
+        Epochs finished (all of them).
+    iterations : int
+        Optimizer steps done.
+    final_loss : float
+        Mean loss of the last epoch.
+    """
+
+    out_dir: Path
+    best_model: Path
+    best_score: float | None
+    best_epoch: int
+    epochs: int
+    iterations: int
+    final_loss: float
+
+
+def _init_model(model: nn.Module, init: str | os.PathLike, config: TrainConfig) -> InputSpec:
+    """Load fine-tuning weights into ``model``; returns the input spec they were trained with."""
+    source, card = load_model(init)
+    architecture = card["architecture"]
+    wanted = {"name": config.network.name, "kwargs": config.network.kwargs}
+    if json.loads(json.dumps(wanted)) != {"name": architecture["name"], "kwargs": architecture.get("kwargs", {})}:
+        raise AirwayInputError(
+            f"The model {init} is a {architecture['name']} with {architecture.get('kwargs', {})}, not the configured "
+            f"{config.network.name} with {config.network.kwargs}; make [network] match it to fine-tune."
+        )
+    model.load_state_dict(source.state_dict())
+    return InputSpec.from_dict(card["input_spec"]) if "input_spec" in card else DEFAULT_INPUT_SPEC
+
+
+def _lr_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig) -> torch.optim.lr_scheduler.LRScheduler:
+    if config.optimizer.lr_schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.schedule.total_iterations)
+    return torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
+
+
+def _export_best(
+    model: nn.Module, out_dir: Path, config: TrainConfig, spec: InputSpec, state: TrainState,
+    metrics: dict[str, float], command: str | None,
+) -> Path:
+    card = {
+        "architecture": {"name": config.network.name, "kwargs": config.network.kwargs},
+        "input_spec": spec.as_dict(),
+        "patch_size_zyx": list(config.sampling.patch_size_zyx),
+        "output": "logits (N, 4, D, H, W): background, trachea + main bronchi, lobar to segmental, smaller",
+        "training": {
+            "data": config.data.description(),
+            "command": command,
+            "epoch": state.epoch,
+            "iteration": state.iteration,
+            "config": config.as_dict(),
+        },
+        "validation": metrics,
+    }
+    weights, _ = export_model(model, card, out_dir / "best")
+    return weights
+
+
+def train(
+    config: TrainConfig,
+    out_dir: str | os.PathLike,
+    progress: ProgressCallback | None = None,
+    resume: bool = True,
+    init: str | os.PathLike | None = None,
+    command: str | None = None,
+) -> TrainResult:
+    """Train a stage-1 network as configured, resuming from ``out_dir/last.pt`` if there is one.
+
+    Parameters
+    ----------
+    config : TrainConfig
+        From :func:`load_config`.
+    out_dir : str or path-like
+        Checkpoints, log and the best model go here (see the module docstring).
+    progress : callable, optional
+        ``progress(fraction, message)``; raising :class:`~AirwaySegmentationLib.progress.Cancelled`
+        stops the run (the last finished epoch stays saved, a later call resumes).
+    resume : bool
+        Continue the run saved in ``out_dir``; False starts over (overwriting it).
+    init : path-like, optional
+        A model (``.safetensors`` with its card) to fine-tune from; its architecture must be
+        the configured one and its input spec is kept.  Ignored when resuming.
+    command : str, optional
+        The command line, recorded in the model card.
+
+    Returns
+    -------
+    TrainResult
+    """
+    out_dir = Path(out_dir)
+    runtime = start_runtime(config.runtime)
+    try:
+        return _train(config, out_dir, progress if runtime.is_main else None, resume, init, command, runtime)
+    finally:
+        if runtime.owns_process_group:
+            dist.destroy_process_group()
+
+
+def _train(
+    config: TrainConfig, out_dir: Path, progress: ProgressCallback | None, resume: bool,
+    init: str | os.PathLike | None, command: str | None, runtime: Runtime,
+) -> TrainResult:
+    torch.manual_seed(config.seed)  # the same initial weights on every rank
+    model = build_network(config.network.name, **config.network.kwargs)
+    checkpoint = _load_checkpoint(out_dir, config) if resume else None
+    spec = DEFAULT_INPUT_SPEC
+    if checkpoint is None and init is not None:
+        spec = _init_model(model, init, config)
+    memory_format = torch.channels_last_3d if config.runtime.channels_last else torch.contiguous_format
+    model = model.to(runtime.device, memory_format=memory_format)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.optimizer.lr, weight_decay=config.optimizer.weight_decay)
+    scheduler = _lr_scheduler(optimizer, config)
+    scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.dtype == torch.float16)
+    state = TrainState()
+    if checkpoint is not None:
+        tensors, state, spec = checkpoint
+        model.load_state_dict(tensors["model"])
+        optimizer.load_state_dict(tensors["optimizer"])
+        scheduler.load_state_dict(tensors["scheduler"])
+        scaler.load_state_dict(tensors["scaler"])
+
+    train_volumes, validation_volumes = load_training_volumes(config.data, progress)
+    validator = _Validator(validation_volumes) if runtime.is_main else None
+    dataset = PatchDataset(
+        train_volumes,
+        PatchSampler(config.sampling.patch_size_zyx, config.sampling.crop_mix),
+        Augmentation() if config.sampling.augmentation else None,
+        spec,
+        seed=_seed(config, runtime, 0, 0),
+        n_patches=config.schedule.iterations_per_epoch * config.sampling.batch_size,
+    )
+    loss_fn = TrainingLoss(config.loss, config.schedule)
+    core = model
+    if runtime.distributed:
+        # Without group supervision WingsNet's encoder fusion gets no gradient.
+        model = nn.parallel.DistributedDataParallel(model, find_unused_parameters=not config.loss.group_supervision)
+    writer = _tensorboard(out_dir, state.iteration) if runtime.is_main else None
+    total = config.schedule.total_iterations
+    every = config.sampling.hard_mining_every
+    masks_set = False
+    mean_loss = math.nan
+    try:
+        for epoch in range(state.epoch, config.schedule.epochs):
+            started = time.perf_counter()
+            if every and epoch >= every and (epoch % every == 0 or not masks_set):
+                report(progress, state.iteration / total, f"epoch {epoch + 1}: hard mining on {len(train_volumes)} volumes")
+                dataset.set_miss_masks(_miss_masks(core, train_volumes, config, spec, runtime))
+                masks_set = True
+            steps_started = time.perf_counter()
+            dataset.set_epoch(epoch)
+            torch.manual_seed(_seed(config, runtime, epoch, 1))
+            loss_fn.reseed(_seed(config, runtime, epoch, 2))
+            loader = DataLoader(dataset, batch_size=config.sampling.batch_size, num_workers=config.sampling.num_workers)
+            sums = np.zeros(4)
+            steps = 0
+            model.train()
+            for batch in loader:
+                batch = {key: value.to(runtime.device) for key, value in batch.items()}
+                with autocast(runtime.device, runtime.dtype):
+                    output = model(batch["image"].contiguous(memory_format=memory_format))
+                terms = loss_fn(output, batch, state.iteration)
+                if not torch.isfinite(terms.total):
+                    raise FloatingPointError(
+                        f"The loss is {float(terms.total)} at iteration {state.iteration}; lower optimizer.lr or use float32."
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(terms.total).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                scheduler.step()
+                state.iteration += 1
+                steps += 1
+                sums += [float(terms.total.detach()), terms.main, terms.aux, terms.distillation]
+                if writer is not None:
+                    writer.add_scalar("loss/train", sums[0] / steps, state.iteration)
+                report(
+                    progress, state.iteration / total,
+                    f"epoch {epoch + 1}/{config.schedule.epochs}, iteration {state.iteration}/{total}, "
+                    f"loss {sums[0] / steps:.4f}",
+                )
+            train_seconds = time.perf_counter() - steps_started
+            mean_loss = float(sums[0] / max(steps, 1))
+            state.epoch = epoch + 1
+            if runtime.is_main:
+                _finish_epoch(core, out_dir, config, spec, runtime, state, validator, sums / max(steps, 1),
+                              steps, train_seconds, started, optimizer, scheduler, scaler, writer, command, progress)
+            _barrier(runtime)
+    finally:
+        if writer is not None:
+            writer.close()
+    return TrainResult(out_dir, out_dir / "best.safetensors", state.best_score, state.best_epoch or state.epoch,
+                       state.epoch, state.iteration, mean_loss)
+
+
+def _finish_epoch(
+    model: nn.Module, out_dir: Path, config: TrainConfig, spec: InputSpec, runtime: Runtime, state: TrainState,
+    validator: _Validator, means: np.ndarray, steps: int, train_seconds: float, started: float,
+    optimizer: torch.optim.Optimizer, scheduler, scaler, writer, command: str | None, progress: ProgressCallback | None,
+) -> None:
+    """Rank 0 at the end of an epoch: validate, keep the best model, log, checkpoint."""
+    metrics: dict[str, float] = {}
+    if validator.volumes:
+        report(progress, state.iteration / config.schedule.total_iterations,
+               f"epoch {state.epoch}: validating on {len(validator.volumes)} volumes")
+        metrics = validator(model, config, spec, runtime)
+    improved = bool(metrics) and (state.best_score is None or metrics["atm22_score"] > state.best_score)
+    # Without validation volumes the newest model is the one to keep.
+    if improved or not validator.volumes:
+        state.best_score = metrics.get("atm22_score")
+        state.best_epoch = state.epoch
+        _export_best(model, out_dir, config, spec, state, metrics, command)
+    row = {
+        "epoch": state.epoch,
+        "iteration": state.iteration,
+        "phase": config.schedule.phase(state.iteration - 1),
+        "loss": means[0], "loss_main": means[1], "loss_aux": means[2], "loss_distillation": means[3],
+        **{key: metrics.get(key, "") for key in ("td", "bd", "dsc", "precision", "atm22_score")},
+        "lr": scheduler.get_last_lr()[0],
+        "seconds_per_iteration": train_seconds / max(steps, 1),
+        "seconds": time.perf_counter() - started,
+    }
+    state.log.append({key: round(value, 6) if isinstance(value, float) else value for key, value in row.items()})
+    if writer is not None:
+        for key, value in metrics.items():
+            writer.add_scalar(f"validation/{key}", value, state.iteration)
+        writer.add_scalar("lr", row["lr"], state.iteration)
+    tensors = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict(),
+    }
+    _save_checkpoint(out_dir, tensors, state, config, spec, runtime.world_size)

@@ -1,0 +1,359 @@
+"""Training: TOML config, a tiny run end to end, resume, DDP, fine-tuning, model export and loading."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from AirwaySegmentationLib.cli import EXIT_BAD_INPUT, main
+from AirwaySegmentationLib.errors import AirwayInputError
+from AirwaySegmentationLib.infer import (
+    cpu_has_native_bfloat16,
+    predict_volume,
+    probabilities_to_classes,
+    resolve_precision,
+)
+from AirwaySegmentationLib.models import (
+    catalogue,
+    default_model_name,
+    export_model,
+    load_model,
+    sha256_of_file,
+)
+from AirwaySegmentationLib.networks import SegmentationOutput, build_network
+from AirwaySegmentationLib.progress import Cancelled
+from AirwaySegmentationLib.train import TrainingLoss, train
+from AirwaySegmentationLib.train_config import (
+    LossConfig,
+    ScheduleConfig,
+    config_from_dict,
+    load_config,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = sorted((ROOT / "Resources" / "Training").glob("*.toml"))
+
+#: Two small phantoms to train on and one to validate on, 32^3 patches, a 2-voxel-wide WingsNet.
+TINY = {
+    "seed": 3,
+    "network": {"name": "wingsnet", "kwargs": {"base_width": 2}},
+    "data": {"phantoms": {"train": 2, "validation": 1, "shape_zyx": [48, 64, 64], "spacing_zyx": [2.5, 2.0, 2.0]}},
+    "sampling": {"patch_size_zyx": [32, 32, 32], "hard_mining_every": 1},
+    "schedule": {"epochs": 2, "iterations_per_epoch": 2, "local_imbalance_from": 1, "centerline_from": 3},
+    "validation": {"overlap_zyx": [8, 8, 8]},
+    "runtime": {"precision": "float32"},
+}
+
+
+def tiny(**changes: dict) -> dict:
+    """``TINY`` with some tables updated."""
+    table = copy.deepcopy(TINY)
+    for name, values in changes.items():
+        if isinstance(values, dict):
+            table.setdefault(name, {}).update(values)
+        else:
+            table[name] = values
+    return table
+
+
+def write_toml(table: dict, path: Path) -> Path:
+    """A minimal TOML writer for the nested tables of a config (tomllib only reads)."""
+
+    def value(v: object) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, dict):
+            return "{ " + ", ".join(f"{k} = {value(x)}" for k, x in v.items()) + " }"
+        if isinstance(v, list):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        return json.dumps(v)
+
+    lines = [f"{k} = {value(v)}" for k, v in table.items() if not isinstance(v, dict)]
+    for name, section in table.items():
+        if isinstance(section, dict):
+            lines.append(f"[{name}]")
+            lines += [f"{k} = {value(v)}" for k, v in section.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def model_state(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, weights_only=True)["model"]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> tuple[Path, object]:
+    out = tmp_path_factory.mktemp("run")
+    return out, train(config_from_dict(TINY), out)
+
+
+# ---------------------------------------------------------------- configuration
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_example_configs_load(path: Path) -> None:
+    config = load_config(path)
+    assert config.data.phantoms.validation > 0 and config.sampling.patch_size_zyx == (128, 128, 128)
+
+
+def test_config_round_trips_through_toml(tmp_path) -> None:
+    config = load_config(write_toml(TINY, tmp_path / "tiny.toml"))
+    assert config == config_from_dict(TINY)
+    assert config.network.kwargs == {"base_width": 2} and config.schedule.phase(0) == 1
+    assert [config.schedule.phase(i) for i in range(4)] == [1, 2, 2, 3]
+
+
+@pytest.mark.parametrize(
+    "change, key",
+    [
+        ({"schedule": {"epoch": 3}}, "schedule.epoch"),
+        ({"sampling": {"batch_size": "2"}}, "sampling.batch_size"),
+        ({"sampling": {"patch_size_zyx": [32, 32]}}, "sampling.patch_size_zyx"),
+        ({"schedule": {"epochs": 0}}, "schedule.epochs"),
+        ({"schedule": {"local_imbalance_from": 5, "centerline_from": 2}}, "schedule.centerline_from"),
+        ({"network": {"name": "unet9000"}}, "network.name"),
+        ({"network": {"kwargs": {"base_widht": 2}}}, "network.kwargs"),
+        ({"sampling": {"crop_mix": {"random": -1.0}}}, "sampling.crop_mix"),
+        ({"loss": {"name": "mse"}}, "loss.name"),
+        ({"runtime": {"precision": "int8"}}, "runtime.precision"),
+        ({"data": {"phantoms": {"variants": ["glossy"]}}}, "data.phantoms.variants"),
+        ({"validation": {"overlap_zyx": [32, 8, 8]}}, "validation.overlap_zyx"),
+        ({"colour": "blue"}, "colour"),
+    ],
+)
+def test_bad_config_names_the_key(tmp_path, change: dict, key: str) -> None:
+    path = write_toml(tiny(**change), tmp_path / "bad.toml")
+    with pytest.raises(AirwayInputError, match=key.replace(".", r"\.").replace("[", r"\[")) as error:
+        load_config(path)
+    assert str(error.value).count("\n") == 0 and str(path) in str(error.value)
+
+
+def test_unparsable_and_missing_configs_are_refused(tmp_path) -> None:
+    (tmp_path / "broken.toml").write_text("[network\nname = 1\n")
+    with pytest.raises(AirwayInputError, match="not valid TOML"):
+        load_config(tmp_path / "broken.toml")
+    with pytest.raises(AirwayInputError, match="does not exist"):
+        load_config(tmp_path / "missing.toml")
+
+
+def test_cli_train_with_a_bad_config_exits_2_with_one_sentence(tmp_path, capsys) -> None:
+    path = write_toml(tiny(schedule={"iterations_per_epoch": -1}), tmp_path / "bad.toml")
+    assert main(["train", str(path), "--out", str(tmp_path / "run")]) == EXIT_BAD_INPUT
+    message = capsys.readouterr().err.strip()
+    assert message.count("\n") == 0 and "schedule.iterations_per_epoch" in message
+    assert not (tmp_path / "run").exists()
+
+
+def test_precision_choice() -> None:
+    cpu = torch.device("cpu")
+    expected = torch.bfloat16 if cpu_has_native_bfloat16() else torch.float32
+    assert resolve_precision("auto", cpu) == expected
+    assert resolve_precision("float32", cpu) == torch.float32
+    with pytest.raises(AirwayInputError, match="needs a CUDA device"):
+        resolve_precision("float16", cpu)
+
+
+# ---------------------------------------------------------------- loss schedule
+
+
+def test_loss_phases_add_the_weights_in_turn() -> None:
+    torch.manual_seed(0)
+    labels = torch.zeros(1, 16, 16, 16, dtype=torch.long)
+    labels[0, 4:12, 6:10, 6:10] = 3
+    batch = {"labels": labels, "centerline_weight": torch.rand(1, 16, 16, 16), "gul_weight": torch.rand(1, 16, 16, 16)}
+    output = SegmentationOutput(torch.randn(1, 4, 16, 16, 16), aux=(torch.randn(1, 4, 16, 16, 16),))
+    loss = TrainingLoss(LossConfig(name="tang"), ScheduleConfig(local_imbalance_from=10, centerline_from=20))
+
+    def value(iteration: int, centerline_scale: float = 1.0) -> float:
+        loss.reseed(0)
+        scaled = {**batch, "centerline_weight": batch["centerline_weight"] * centerline_scale}
+        return loss(output, scaled, iteration).main
+
+    assert value(0) == value(0, centerline_scale=5.0)  # phase 1: plain Dice, no weight
+    assert value(10) != value(0) and value(10) == value(10, centerline_scale=5.0)  # + w_p only
+    assert value(20) != value(20, centerline_scale=5.0)  # + w_d
+    terms = loss(output, batch, 0)
+    assert terms.aux > 0 and float(terms.total) == pytest.approx(terms.main + terms.aux)
+    without_aux = TrainingLoss(LossConfig(name="tang", group_supervision=False), ScheduleConfig())
+    assert without_aux(output, batch, 0).aux == 0.0
+
+
+# ---------------------------------------------------------------- training runs
+
+
+def test_tiny_run_writes_checkpoint_log_and_best_model(tiny_run) -> None:
+    out, result = tiny_run
+    for name in ("last.pt", "last.json", "log.csv", "best.safetensors", "best.json"):
+        assert (out / name).is_file(), name
+    rows = (out / "log.csv").read_text().splitlines()
+    assert rows[0].startswith("epoch,iteration,phase,loss") and len(rows) == 3
+    assert result.epochs == 2 and result.iterations == 4 and np.isfinite(result.final_loss)
+    assert 0.0 <= result.best_score <= 100.0 and result.best_epoch in (1, 2)
+    card = json.loads((out / "best.json").read_text())
+    assert card["sha256"] == sha256_of_file(out / "best.safetensors")
+    assert card["architecture"] == {"name": "wingsnet", "kwargs": {"base_width": 2}}
+    assert card["validation"]["atm22_score"] == pytest.approx(result.best_score)
+    assert "2 training / 1 validation phantoms" in card["training"]["data"]
+    model, _ = load_model(out / "best.safetensors")
+    assert sum(p.numel() for p in model.parameters()) == card["parameter_count"]
+
+
+def test_resume_after_a_kill_continues_and_repeats_the_uninterrupted_run(tiny_run, tmp_path) -> None:
+    def cancel_in_epoch_2(fraction: float, message: str) -> None:
+        if message.startswith("epoch 2/2"):
+            raise Cancelled("killed")
+
+    with pytest.raises(Cancelled):
+        train(config_from_dict(TINY), tmp_path, progress=cancel_in_epoch_2)
+    saved = json.loads((tmp_path / "last.json").read_text())
+    assert (saved["epoch"], saved["iteration"]) == (1, 2)
+    assert len((tmp_path / "log.csv").read_text().splitlines()) == 2
+
+    messages = []
+    result = train(config_from_dict(TINY), tmp_path, progress=lambda f, m: messages.append(m))
+    assert not any(m.startswith("epoch 1/2") for m in messages)  # epoch 1 was not redone
+    assert result.epochs == 2 and result.iterations == 4
+    log = (tmp_path / "log.csv").read_text().splitlines()
+    assert [row.split(",")[:2] for row in log[1:]] == [["1", "2"], ["2", "4"]]
+    uninterrupted = model_state(tiny_run[0] / "last.pt")
+    resumed = model_state(tmp_path / "last.pt")
+    assert all(torch.equal(uninterrupted[k], resumed[k]) for k in uninterrupted)
+
+
+def test_resume_refuses_another_config_and_no_resume_starts_over(tiny_run, tmp_path) -> None:
+    out = tmp_path / "run"
+    config = config_from_dict(tiny(schedule={"epochs": 1}, data={"phantoms": {**TINY["data"]["phantoms"], "validation": 0}}))
+    train(config, out)
+    other = config_from_dict(tiny(schedule={"epochs": 1}, optimizer={"lr": 1e-3}))
+    with pytest.raises(AirwayInputError, match="another configuration"):
+        train(other, out)
+    result = train(other, out, resume=False)
+    assert result.epochs == 1 and len((out / "log.csv").read_text().splitlines()) == 2
+
+
+def test_init_fine_tunes_from_the_given_weights(tmp_path) -> None:
+    torch.manual_seed(123)
+    source = build_network("wingsnet", base_width=2)
+    export_model(source, {"architecture": {"name": "wingsnet", "kwargs": {"base_width": 2}}}, tmp_path / "start")
+    table = tiny(
+        schedule={"epochs": 1, "iterations_per_epoch": 1},
+        optimizer={"lr": 1e-9, "weight_decay": 0.0},
+        data={"phantoms": {**TINY["data"]["phantoms"], "validation": 0}},
+        runtime={"precision": "auto"},
+    )
+    result = train(config_from_dict(table), tmp_path / "run", init=tmp_path / "start.safetensors")
+    tuned = model_state(tmp_path / "run" / "last.pt")
+    # One AdamW step at lr 1e-9 moves each weight by about 1e-9: still the given weights.
+    assert all(torch.allclose(tuned[k].float(), v.float(), atol=1e-6) for k, v in source.state_dict().items())
+    assert np.isfinite(result.final_loss) and result.best_score is None  # no validation: the last model is kept
+    assert (tmp_path / "run" / "best.safetensors").is_file()
+    other = config_from_dict(tiny(network={"name": "wingsnet", "kwargs": {"base_width": 4}}))
+    with pytest.raises(AirwayInputError, match="make \\[network\\] match"):
+        train(other, tmp_path / "other", init=tmp_path / "start.safetensors")
+
+
+def test_ddp_two_processes_on_cpu(tmp_path) -> None:
+    config = write_toml(tiny(data={"phantoms": {**TINY["data"]["phantoms"], "validation": 1}}), tmp_path / "ddp.toml")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    completed = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "--module", "AirwaySegmentationLib.cli", "train", str(config), "--out", str(tmp_path / "run")],
+        capture_output=True, text=True, timeout=120, env=env, check=False,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    log = (tmp_path / "run" / "log.csv").read_text().splitlines()
+    assert len(log) == 3 and (tmp_path / "run" / "best.safetensors").is_file()
+    assert json.loads((tmp_path / "run" / "last.json").read_text())["world_size"] == 2
+    assert completed.stdout.count("best model") == 1  # only rank 0 reports
+
+
+# ---------------------------------------------------------------- models
+
+
+def test_export_load_round_trip_gives_identical_outputs(tmp_path) -> None:
+    torch.manual_seed(0)
+    net = build_network("pwfr_unet", base_width=2).eval()
+    card = {"architecture": {"name": "pwfr_unet", "kwargs": {"base_width": 2}}, "patch_size_zyx": [32, 32, 32]}
+    export_model(net, card, tmp_path / "model")
+    loaded, loaded_card = load_model(tmp_path / "model.json")
+    x = torch.randn(1, 2, 32, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(net(x).main, loaded(x).main)
+    assert loaded_card["patch_size_zyx"] == [32, 32, 32] and "interpretation" in loaded_card["interpretation"].lower()
+    assert loaded_card["parameter_count"] == sum(p.numel() for p in net.parameters())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.json", "model.safetensors"]
+
+
+def test_tampered_weights_are_refused(tmp_path) -> None:
+    weights, _ = export_model(build_network("wingsnet", base_width=2), {"architecture": {"name": "wingsnet", "kwargs": {"base_width": 2}}}, tmp_path / "m")
+    data = bytearray(weights.read_bytes())
+    data[-5] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(AirwayInputError, match="do not match the SHA-256") as error:
+        load_model(weights)
+    assert str(error.value).count(".") <= 3 and "\n" not in str(error.value)
+
+
+def test_loading_never_unpickles(tmp_path, monkeypatch) -> None:
+    net = build_network("wingsnet", base_width=2)
+    disguised = tmp_path / "evil.safetensors"
+    torch.save(net.state_dict(), disguised)  # a pickle under a safetensors name, with a matching card
+    card = {"architecture": {"name": "wingsnet", "kwargs": {"base_width": 2}}, "sha256": sha256_of_file(disguised)}
+    (tmp_path / "evil.json").write_text(json.dumps(card))
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("model loading must not unpickle")
+
+    monkeypatch.setattr(torch, "load", forbidden)
+    monkeypatch.setattr(pickle, "load", forbidden)
+    monkeypatch.setattr(pickle, "loads", forbidden)
+    with pytest.raises(AirwayInputError, match="not a safetensors file"):
+        load_model(disguised)
+
+
+def test_catalogue_is_empty_until_a_model_is_trained(tmp_path) -> None:
+    assert catalogue() == []
+    with pytest.raises(AirwayInputError, match="no bundled model yet; train one with airway train"):
+        default_model_name()
+    export_model(build_network("wingsnet", base_width=2), {"architecture": {"name": "wingsnet", "kwargs": {"base_width": 2}}}, tmp_path / "w")
+    entries = [{"name": "small", "file": "w.safetensors", "default": False}, {"name": "main", "file": "w.safetensors", "default": True}]
+    (tmp_path / "catalogue.json").write_text(json.dumps({"catalogue_version": 1, "models": entries}))
+    assert default_model_name(tmp_path) == "main"
+    _, card = load_model("main", models_dir=tmp_path)
+    assert card["architecture"]["name"] == "wingsnet"
+
+
+# ---------------------------------------------------------------- inference
+
+
+@pytest.mark.parametrize("blending", ["gaussian", "mean"])
+def test_predict_volume_keeps_the_shape_of_any_volume(blending: str) -> None:
+    torch.manual_seed(0)
+    net = build_network("wingsnet", base_width=2)
+    for shape in [(37, 41, 29), (10, 20, 12)]:  # not divisible by the patch; smaller than the patch
+        hu = np.random.default_rng(0).normal(-500, 300, shape).astype(np.float32)
+        probabilities = predict_volume(net, hu, patch_size_zyx=(16, 16, 16), overlap_zyx=(4, 4, 4), blending=blending)
+        assert probabilities.shape == (4, *shape)
+        np.testing.assert_allclose(probabilities.sum(axis=0), 1.0, atol=1e-5)
+        assert probabilities_to_classes(probabilities).shape == shape
+
+
+def test_predict_volume_is_the_network_output_on_a_single_window() -> None:
+    torch.manual_seed(0)
+    net = build_network("wingsnet", base_width=2).eval()
+    hu = np.random.default_rng(1).normal(-500, 300, (16, 16, 16)).astype(np.float32)
+    from AirwaySegmentationLib.preprocess import network_input
+
+    with torch.no_grad():
+        direct = torch.softmax(net(torch.from_numpy(network_input(hu))[None]).main, dim=1)[0].numpy()
+    np.testing.assert_allclose(predict_volume(net, hu, patch_size_zyx=(16, 16, 16), overlap_zyx=(0, 0, 0)), direct, atol=1e-6)
