@@ -7,7 +7,7 @@ import pytest
 
 from AirwaySegmentationLib import classes
 from AirwaySegmentationLib.errors import AirwayInputError
-from AirwaySegmentationLib.tree import AirwayTree, airway_class_labels, parse_airway_tree
+from AirwaySegmentationLib.tree import AirwayTree, _refine_hierarchy, airway_class_labels, parse_airway_tree
 from synthetic_trees import TreeSegment, binary_tree, capsule_mask, place
 
 # A 7-branch tree thin enough that skeleton junctions sit close to the geometric bifurcations.
@@ -300,3 +300,46 @@ def test_broken_off_fragment_next_to_a_box_filling_tree_is_labelled():
     mask[28:36, 3:6, 3:6] = True  # a fragment broken off the end
     labels = airway_class_labels(mask, (1.0, 1.0, 1.0))
     np.testing.assert_array_equal(labels > 0, mask)
+
+
+def _trachea_with_wall_bumps(spacing_zyx):
+    """The 7-branch tree (top of the trachea at z = 0) with two small bumps on the trachea wall."""
+    segments = binary_tree(generations=3, trachea_length_mm=60.0, trachea_radius_mm=6.0)
+    radius = segments[0].radius_mm
+    for height in (12.0, 30.0):
+        segments.append(TreeSegment((height, 0.0, 0.0), (height, radius + 0.6, 0.0), 1.2, 0, 1))
+    shape, segments = place(segments, spacing_zyx)
+    return capsule_mask(shape, spacing_zyx, segments)
+
+
+def test_wall_bumps_keep_the_main_bronchi_at_generation_1_with_or_without_superior_hint():
+    spacing = (0.8, 0.8, 0.8)
+    mask = _trachea_with_wall_bumps(spacing)
+    for superior in (None, (-1.0, 0.0, 0.0)):
+        tree = parse_airway_tree(mask, spacing, connectivity=26, superior_zyx=superior)
+        main_bronchi = [b for b in tree.branches if b.length_mm > 40 and 8.5 < b.diameter_mm < 10.5]
+        assert len(main_bronchi) == 2
+        assert all(b.generation == 1 and b.airway_class == 1 for b in main_bronchi)
+
+
+def test_top_of_a_cut_trachea_is_re_rooted():
+    # Pieces: 0 = open top of the trachea, 1 = middle (most voxels), 2 = lower trachea,
+    # 3 and 4 = main bronchi.  ATM's rule roots at piece 1 and puts the bronchi at generation 2.
+    voxel_counts = np.array([10, 100, 50, 40, 40])
+    edges = np.array([[0, 1], [1, 2], [2, 3], [2, 4]])
+    groups, parents, generations = _refine_hierarchy(voxel_counts, edges)
+    assert generations[groups[3]] == 2 and generations[groups[0]] == 1 and groups[0] not in parents
+    groups, parents, generations = _refine_hierarchy(voxel_counts, edges, root_piece=0)
+    assert groups[0] == groups[1] == groups[2]
+    assert generations[groups[3]] == generations[groups[4]] == 1
+
+
+def test_superior_direction_follows_the_direction_matrix():
+    from AirwaySegmentationLib.volume import Geometry
+
+    assert Geometry().superior_zyx == (1.0, 0.0, 0.0)
+    flipped = Geometry(direction=(1, 0, 0, 0, 1, 0, 0, 0, -1))
+    assert flipped.superior_zyx == (-1.0, 0.0, 0.0)
+    # Sagittal slices: index axis i runs inferior-superior.
+    sagittal = Geometry(direction=(0, 0, 1, 1, 0, 0, 0, 1, 0))
+    assert sagittal.superior_zyx == (0.0, 1.0, 0.0)

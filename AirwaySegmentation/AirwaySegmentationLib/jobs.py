@@ -86,6 +86,7 @@ def label_airway_file(
         connectivity=connectivity,
         segmental_generation=segmental_generation,
         progress=sub_progress(progress, 0.05, 0.9),
+        superior_zyx=mask.geometry.superior_zyx,
     )
     labels = covering_class_labels(tree, mask.array_zyx, connectivity=connectivity)
     outputs = [out_path] if branches_path is None else [out_path, branches_path]

@@ -206,6 +206,7 @@ def parse_airway_tree(
     connectivity: int = 6,
     segmental_generation: int = classes.DEFAULT_SEGMENTAL_GENERATION,
     progress: ProgressCallback | None = None,
+    superior_zyx: Sequence[float] | None = None,
 ) -> AirwayTree:
     """Parse a binary airway mask into a tree of branches (ATM'22 semantics, see module docstring).
 
@@ -224,6 +225,15 @@ def parse_airway_tree(
         Deepest generation that is still class 2 (:func:`~AirwaySegmentationLib.classes.branch_class`).
     progress : callable, optional
         Called as ``progress(fraction, message)`` at the main steps.
+    superior_zyx : sequence of 3 float, optional
+        Index-space direction (z, y, x) towards the patient's head
+        (:attr:`~AirwaySegmentationLib.volume.Geometry.superior_zyx`).  On real masks a small
+        wall bump can cut the trachea into pieces; ATM's rule (root = the branch with most
+        voxels) then roots the tree at a middle piece, the open top of the trachea becomes a
+        childless "generation 1" branch and every true generation is off by one (the main
+        bronchi fall into class 2; seen on LIDC-IDRI-0314).  When given, and the branch holding
+        the most superior airway voxel is such a childless child of the root, the tree is
+        rooted at that top instead.  Evaluation keeps ATM's rule; labelling passes this.
 
     Returns
     -------
@@ -278,6 +288,13 @@ def parse_airway_tree(
     voxel_counts = np.bincount(piece_of_voxel, minlength=n_pieces)
     edges = _region_edges(piece_labels, connectivity)
     group_of_piece, parent_of_group, generation_of_group = _refine_hierarchy(voxel_counts, edges)
+    if superior_zyx is not None:
+        top_piece = int(piece_of_voxel[int(np.argmax(airway_points @ np.asarray(superior_zyx, dtype=float)))])
+        top = int(group_of_piece[top_piece])
+        if generation_of_group[top] == 1 and top not in parent_of_group:
+            # The open top of the trachea hangs as a childless "generation 1" branch off
+            # ATM's root: a wall bump cut the trachea; root the tree at its top instead.
+            group_of_piece, parent_of_group, generation_of_group = _refine_hierarchy(voxel_counts, edges, top_piece)
     branch_of_piece, parents, generations = _breadth_first_ids(group_of_piece, parent_of_group, generation_of_group)
     branch_labels = np.zeros(airway.shape, dtype=np.int32)
     branch_labels[tuple(airway_points.T)] = branch_of_piece[piece_of_voxel] + 1
@@ -320,6 +337,7 @@ def airway_class_labels(
     segmental_generation: int = classes.DEFAULT_SEGMENTAL_GENERATION,
     max_gap_mm: float = 5.0,
     progress: ProgressCallback | None = None,
+    superior_zyx: Sequence[float] | None = None,
 ) -> np.ndarray:
     """Three-class label map (1-3) of a binary airway mask, covering every airway voxel.
 
@@ -340,6 +358,9 @@ def airway_class_labels(
         Largest gap (mm) across which a separate component inherits a class.
     progress : callable, optional
         Called as ``progress(fraction, message)``.
+    superior_zyx : sequence of 3 float, optional
+        Index-space direction towards the head; roots the tree at the top of the trachea
+        (see :func:`parse_airway_tree`).  Give it whenever the image geometry is known.
 
     Returns
     -------
@@ -347,7 +368,7 @@ def airway_class_labels(
         uint8, shape (Z, Y, X), values 0-3, nonzero exactly where ``mask_zyx`` is.
     """
     mask = as_airway_mask(mask_zyx)
-    tree = parse_airway_tree(mask, spacing_zyx, connectivity, segmental_generation, progress)
+    tree = parse_airway_tree(mask, spacing_zyx, connectivity, segmental_generation, progress, superior_zyx)
     return covering_class_labels(tree, mask, connectivity, max_gap_mm)
 
 
@@ -536,7 +557,9 @@ def _contacts(labels: np.ndarray, connectivity: int) -> np.ndarray:
 # --- hierarchy ----------------------------------------------------------------------------
 
 
-def _refine_hierarchy(voxel_counts: np.ndarray, edges: np.ndarray) -> tuple[np.ndarray, list[int | None], list[int]]:
+def _refine_hierarchy(
+    voxel_counts: np.ndarray, edges: np.ndarray, root_piece: int | None = None
+) -> tuple[np.ndarray, list[int | None], list[int]]:
     """ATM'22 refinement: fuse multiple parents, merge only children, until nothing changes.
 
     Parameters
@@ -545,6 +568,8 @@ def _refine_hierarchy(voxel_counts: np.ndarray, edges: np.ndarray) -> tuple[np.n
         (P,) voxels assigned to each piece.
     edges : numpy.ndarray
         (E, 2) touching pieces.
+    root_piece : int, optional
+        Piece whose branch is the trachea; None for ATM's rule (the branch with most voxels).
 
     Returns
     -------
@@ -559,7 +584,7 @@ def _refine_hierarchy(voxel_counts: np.ndarray, edges: np.ndarray) -> tuple[np.n
     representative = np.arange(len(voxel_counts))
     while True:
         names, group_of_piece = np.unique(representative, return_inverse=True)
-        parents, generation = _generations(group_of_piece, len(names), voxel_counts, edges)
+        parents, generation = _generations(group_of_piece, len(names), voxel_counts, edges, root_piece)
         children: list[list[int]] = [[] for _ in names]
         for group, group_parents in enumerate(parents):
             for parent in group_parents:
@@ -584,13 +609,20 @@ def _refine_hierarchy(voxel_counts: np.ndarray, edges: np.ndarray) -> tuple[np.n
 
 
 def _generations(
-    group_of_piece: np.ndarray, n_groups: int, voxel_counts: np.ndarray, edges: np.ndarray
+    group_of_piece: np.ndarray,
+    n_groups: int,
+    voxel_counts: np.ndarray,
+    edges: np.ndarray,
+    root_piece: int | None = None,
 ) -> tuple[list[list[int]], list[int]]:
-    """Trachea = the group with most voxels; breadth-first generations; parents = neighbours one generation up."""
+    """Trachea = the group of ``root_piece``, else the group with most voxels (ATM'22);
+    breadth-first generations; parents = neighbours one generation up."""
     group_edges = group_of_piece[edges]
     group_edges = group_edges[group_edges[:, 0] != group_edges[:, 1]]
-    sizes = np.bincount(group_of_piece, weights=voxel_counts, minlength=n_groups)
-    trachea = int(np.argmax(sizes))
+    if root_piece is None:
+        trachea = int(np.argmax(np.bincount(group_of_piece, weights=voxel_counts, minlength=n_groups)))
+    else:
+        trachea = int(group_of_piece[root_piece])
     matrix = sparse.coo_matrix((np.ones(len(group_edges)), tuple(group_edges.T)), shape=(n_groups, n_groups))
     # The region graph is connected (the regions partition one component), so every group is reached.
     depth = csgraph.shortest_path(matrix.tocsr(), directed=False, unweighted=True, indices=trachea)

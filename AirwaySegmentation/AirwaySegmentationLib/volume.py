@@ -87,6 +87,16 @@ class Geometry:
         """The 3x3 direction matrix (columns = physical directions of the i, j, k axes)."""
         return np.asarray(self.direction, dtype=float).reshape(3, 3)
 
+    @property
+    def superior_zyx(self) -> tuple[float, float, float]:
+        """Index-space direction (z, y, x) in which the patient's head lies.
+
+        Row 2 of the direction matrix holds the physical superior (LPS +z) component of a
+        step along each index axis i, j, k; reversed, it is the step in z, y, x order.
+        """
+        k, j, i = self.direction_matrix[2, ::-1]
+        return (float(k), float(j), float(i))
+
     def index_zyx_to_physical(self, index_zyx: np.ndarray) -> np.ndarray:
         """Map continuous voxel indices (..., 3) in z, y, x order to physical LPS points (..., 3) x, y, z in mm."""
         index_xyz = np.asarray(index_zyx, dtype=float)[..., ::-1]
