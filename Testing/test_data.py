@@ -124,6 +124,31 @@ def test_find_cases_refuses_other_channels_and_duplicate_labels(tmp_path):
         find_cases(tmp_path)
 
 
+def test_find_cases_reads_the_atm22_release_naming_and_its_batches(tmp_path):
+    # The release names each label like its image (labelsTr/ATM_001_0000.nii.gz) and ships
+    # the cases in batch folders; nnU-Net style labels (ATM_164.nii.gz) mix in freely.
+    _tiny_case(tmp_path / "TrainBatch1", "ATM_001", "_0000.nii.gz")
+    _tiny_case(tmp_path / "TrainBatch1", "ATM_002", "_0000.nii.gz")
+    _tiny_case(tmp_path / "TrainBatch2", "ATM_164")
+    (tmp_path / "README.md").write_text("not a batch")
+    cases = find_cases(tmp_path)
+    assert [c.name for c in cases] == ["ATM_001", "ATM_002", "ATM_164"]
+    assert [c.label_path.name for c in cases] == ["ATM_001_0000.nii.gz", "ATM_002_0000.nii.gz", "ATM_164.nii.gz"]
+    assert [c.name for c in find_cases(tmp_path / "TrainBatch1")] == ["ATM_001", "ATM_002"]
+    assert load_case(cases[0]).labels3.any()
+    # The same label under both names is ambiguous, and so is a case in two batches.
+    labels = tmp_path / "TrainBatch1" / "labelsTr"
+    (labels / "ATM_001.nii.gz").write_bytes((labels / "ATM_001_0000.nii.gz").read_bytes())
+    with pytest.raises(AirwayInputError, match=r"both as NAME and NAME_0000 \(ATM_001_0000\)"):
+        find_cases(tmp_path)
+    (labels / "ATM_001.nii.gz").unlink()
+    _tiny_case(tmp_path / "TrainBatch2", "ATM_002")
+    with pytest.raises(AirwayInputError, match="ATM_002 is in both"):
+        find_cases(tmp_path)
+    with pytest.raises(AirwayInputError, match="holds no imagesTr folder"):
+        find_cases(tmp_path / "TrainBatch1" / "imagesTr")
+
+
 def test_load_case_refuses_labels_on_another_grid(tmp_path):
     _tiny_case(tmp_path, "A", label_spacing_xyz=(1.0, 1.0, 2.0))
     with pytest.raises(AirwayInputError, match="does not lie on the grid of its CT"):
@@ -227,6 +252,30 @@ def test_input_spec_round_trips_through_json_and_refuses_bad_cards():
         InputSpec.from_dict({"hu_clip": [-1000, 400]})
     with pytest.raises(AirwayInputError, match="clip range"):
         InputSpec(hu_clip=(400, -1000))
+    with pytest.raises(AirwayInputError, match="clip range"):
+        InputSpec.from_dict({"hu_clip": [-1000, 0, 400], "windows": [], "target_spacing_zyx": None})
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: InputSpec(hu_clip=(-1000.0, 0.0, 400.0)),
+        lambda: InputSpec(windows=(750.0, -250.0)),
+        lambda: crop_to_body(np.zeros((4, 4, 4)), (1.0, 1.0, 1.0), margin_mm=None),
+        lambda: PatchSampler(128),
+        lambda: PatchSampler("abc"),
+        lambda: Augmentation(scale_range=(1.0,)),
+        lambda: Augmentation(flip_axes=2),
+        lambda: CropMix("a", 0, 0),
+        lambda: phantom_seeds("train", 2.5),
+        lambda: find_cases(None),
+    ],
+    ids=["hu_clip-3", "windows-flat", "margin-None", "patch-int", "patch-str", "scale-1", "flip-int", "mix-str",
+         "seeds-float", "root-None"],
+)
+def test_malformed_arguments_raise_input_errors_not_tracebacks(make):
+    with pytest.raises(AirwayInputError):
+        make()
 
 
 # ------------------------------------------------------------------------------ sampling
@@ -264,6 +313,15 @@ def test_small_airway_crops_hold_small_airways_more_often_than_random_crops():
         rates[name] = np.mean([_box_holds(small, corner, size) for corner in corners])
     assert rates["small_airway"] == 1.0
     assert rates["random"] < 0.2
+
+
+def test_small_airways_are_measured_in_in_plane_pixels_on_thin_slices():
+    labels = np.zeros((40, 30, 40), dtype=np.uint8)
+    labels[5:25, 3:15, 2:38] = 1  # thick tube: 10 x 9.6 mm
+    labels[30:35, 22:25, 2:38] = 1  # thin tube: 2.5 x 2.4 mm, radius under 2 in-plane pixels, not under 2 slices
+    points = sampling_targets(labels, (0.5, 0.8, 0.8)).small_airway_zyx
+    assert len(points) > 10
+    assert np.all(points[:, 0] == 32)
 
 
 def test_small_airway_targets_are_thin_centreline_voxels():

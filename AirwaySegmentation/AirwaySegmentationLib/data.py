@@ -7,7 +7,11 @@ Two sources give the same :class:`TrainingVolume`:
 
       root/imagesTr/NAME_0000.nii.gz     CT in HU (also .nii, .nrrd)
       root/labelsTr/NAME.nii.gz          airway labels (also .nii, .nrrd, or an annotator's
-                                         Slicer NAME.seg.nrrd)
+                                         Slicer NAME.seg.nrrd); the ATM'22 release names
+                                         them like the images, NAME_0000.nii.gz
+
+  The release's batches (``ATM22/TrainBatch1``, ``ATM22/TrainBatch2``) are read together
+  by giving their parent folder, ``find_cases("ATM22")``.
 
 - the synthetic phantom, generated on the fly by :func:`phantom_training_volume` with
   seeds from :func:`phantom_seeds`, whose train / validation / test seeds never overlap.
@@ -19,7 +23,7 @@ Binary labels (ATM'22) become the three anatomy-aware classes of METHODS.md sect
 
 Examples
 --------
->>> cases = find_cases("ATM22/TrainBatch1")  # doctest: +SKIP
+>>> cases = find_cases("ATM22")  # doctest: +SKIP
 >>> volume = load_case(cases[0])  # doctest: +SKIP
 >>> volume.ct.array_zyx.shape == volume.labels3.shape  # doctest: +SKIP
 True
@@ -128,32 +132,16 @@ def _listed(names: list[str], limit: int = 5) -> str:
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
-def find_cases(root: str | os.PathLike) -> list[AirwayCase]:
-    """The CT / label pairs of a dataset folder in the ATM'22 layout (see module docstring).
+def _without_channel(names: dict[str, Path]) -> dict[str, Path]:
+    """``names`` keyed without a trailing ``_0000``."""
+    return {name.removesuffix(CHANNEL_SUFFIX): path for name, path in names.items()}
 
-    Parameters
-    ----------
-    root : str or path-like
-        Folder holding ``imagesTr`` and ``labelsTr``.
 
-    Returns
-    -------
-    list of AirwayCase
-        Sorted by name.
-
-    Raises
-    ------
-    AirwayInputError
-        A missing folder, no images, an image not named ``NAME_0000``, two files for one
-        name, an image without a label or a label without an image (the names are listed).
-    """
-    root = Path(root)
+def _dataset_cases(root: Path) -> list[AirwayCase]:
+    """The cases of one folder holding ``imagesTr`` and ``labelsTr``."""
     images_dir, labels_dir = root / "imagesTr", root / "labelsTr"
-    for folder in (images_dir, labels_dir):
-        if not folder.is_dir():
-            raise AirwayInputError(
-                f"{folder} is not a folder; expected imagesTr/NAME_0000.nii.gz and labelsTr/NAME.nii.gz under {root}."
-            )
+    if not labels_dir.is_dir():
+        raise AirwayInputError(f"{labels_dir} is not a folder; put the airway labels of {images_dir} there.")
     images = _files_by_name(images_dir, IMAGE_ENDINGS)
     labels = _files_by_name(labels_dir, LABEL_ENDINGS)
     if not images:
@@ -164,23 +152,81 @@ def find_cases(root: str | os.PathLike) -> list[AirwayCase]:
             f"{images_dir} holds images not named NAME_0000 ({_listed(other_channels)}); "
             "the CT is the only input channel, rename the files NAME_0000.nii.gz."
         )
-    images = {name[: -len(CHANNEL_SUFFIX)]: path for name, path in images.items()}
+    images = _without_channel(images)
+    # nnU-Net names a label NAME, the ATM'22 release NAME_0000 like its image; both are read.
+    doubled = sorted(
+        name for name in labels if name.endswith(CHANNEL_SUFFIX) and name.removesuffix(CHANNEL_SUFFIX) in labels
+    )
+    if doubled:
+        raise AirwayInputError(
+            f"{labels_dir} holds labels both as NAME and NAME_0000 ({_listed(doubled)}); keep one of each pair."
+        )
+    labels = _without_channel(labels)
     without_label = sorted(set(images) - set(labels))
     if without_label:
         raise AirwayInputError(
             f"{len(without_label)} images have no label in {labels_dir} ({_listed(without_label)}); "
-            "add NAME.nii.gz labels or remove the images."
+            "add labels named like the images (NAME_0000.nii.gz or NAME.nii.gz) or remove the images."
         )
     without_image = sorted(set(labels) - set(images))
     if without_image:
         raise AirwayInputError(
             f"{len(without_image)} labels have no image in {images_dir} ({_listed(without_image)}); "
-            "add NAME_0000.nii.gz images or remove the labels."
+            "add the images as NAME_0000.nii.gz or remove the labels."
         )
     return [AirwayCase(name, images[name], labels[name]) for name in sorted(images)]
 
 
-def three_class_labels(labels_zyx: np.ndarray, spacing_zyx: tuple[float, float, float]) -> np.ndarray:
+def find_cases(root: str | os.PathLike) -> list[AirwayCase]:
+    """The CT / label pairs of a dataset folder in the ATM'22 layout (see module docstring).
+
+    Parameters
+    ----------
+    root : str or path-like
+        Folder holding ``imagesTr`` and ``labelsTr``, or a folder whose immediate subfolders
+        hold them (``ATM22`` with ``TrainBatch1`` and ``TrainBatch2``): their cases are
+        combined.
+
+    Returns
+    -------
+    list of AirwayCase
+        Sorted by name.
+
+    Raises
+    ------
+    AirwayInputError
+        A missing folder, no images, an image not named ``NAME_0000``, two files for one
+        name (also a label both as ``NAME`` and ``NAME_0000``, or one case in two batches),
+        an image without a label or a label without an image (the names are listed).
+    """
+    if not isinstance(root, (str, os.PathLike)):
+        raise AirwayInputError(f"The dataset folder must be a path, got {root!r}.")
+    root = Path(root)
+    if (root / "imagesTr").is_dir():
+        return _dataset_cases(root)
+    batches = sorted(folder for folder in root.glob("*/imagesTr") if folder.is_dir()) if root.is_dir() else []
+    if not batches:
+        raise AirwayInputError(
+            f"{root} holds no imagesTr folder, directly or in a subfolder; expected "
+            f"{root / 'imagesTr'}/NAME_0000.nii.gz and {root / 'labelsTr'}/NAME_0000.nii.gz (or NAME.nii.gz)."
+        )
+    cases: dict[str, AirwayCase] = {}
+    for images_dir in batches:
+        for case in _dataset_cases(images_dir.parent):
+            if case.name in cases:
+                raise AirwayInputError(
+                    f"Case {case.name} is in both {cases[case.name].image_path.parent.parent} and "
+                    f"{images_dir.parent}; keep it in one batch."
+                )
+            cases[case.name] = case
+    return [cases[name] for name in sorted(cases)]
+
+
+def three_class_labels(
+    labels_zyx: np.ndarray,
+    spacing_zyx: tuple[float, float, float],
+    superior_zyx: tuple[float, float, float] | None = None,
+) -> np.ndarray:
     """Three-class labels from a binary or three-class label map.
 
     :func:`~AirwaySegmentationLib.classes.as_class_map` decides: a three-class map is kept
@@ -193,6 +239,9 @@ def three_class_labels(labels_zyx: np.ndarray, spacing_zyx: tuple[float, float, 
         Integer labels, shape (Z, Y, X).
     spacing_zyx : tuple of 3 float
         Voxel size in mm.
+    superior_zyx : tuple of 3 float, optional
+        Index-space direction towards the head (``Geometry.superior_zyx``), so a trachea cut
+        by a wall bump is rooted at its top (see :func:`~AirwaySegmentationLib.tree.parse_airway_tree`).
 
     Returns
     -------
@@ -200,7 +249,9 @@ def three_class_labels(labels_zyx: np.ndarray, spacing_zyx: tuple[float, float, 
         uint8, same shape, values 0-3, nonzero exactly where ``labels_zyx`` is.
     """
     classes = as_class_map(labels_zyx)
-    return classes if classes is not None else airway_class_labels(labels_zyx != 0, spacing_zyx)
+    if classes is not None:
+        return classes
+    return airway_class_labels(labels_zyx != 0, spacing_zyx, superior_zyx=superior_zyx)
 
 
 def _training_volume(name: str, ct: Volume, labels_zyx: np.ndarray, margin_mm: float) -> TrainingVolume:
@@ -229,13 +280,16 @@ def load_case(case: AirwayCase, margin_mm: float = DEFAULT_MARGIN_MM) -> Trainin
     Raises
     ------
     AirwayInputError
-        Unreadable files, a CT not in HU, labels on another grid, label values above 3.
+        Unreadable files, a CT not in HU, labels on another grid.  Label values are never
+        refused: :func:`three_class_labels` (the rule of
+        :func:`~AirwaySegmentationLib.classes.as_class_map`) reads a map of values 0-3 that
+        holds 2 or 3 as three classes, and anything else as a binary mask (nonzero = airway).
     """
     ct = read_ct(case.image_path)
     labels = read_label(case.label_path, reference=ct)
     volume = _training_volume(case.name, ct, labels.array_zyx, margin_mm)
     # Classes are given after cropping: the tree parse works on the airway's own box anyway.
-    volume.labels3 = three_class_labels(volume.labels3, volume.spacing_zyx)
+    volume.labels3 = three_class_labels(volume.labels3, volume.spacing_zyx, ct.geometry.superior_zyx)
     return volume
 
 
@@ -254,7 +308,7 @@ def phantom_seeds(split: str, n: int) -> list[int]:
     """
     if split not in PHANTOM_SPLITS:
         raise AirwayInputError(f"Unknown phantom split {split!r}; expected one of {', '.join(PHANTOM_SPLITS)}.")
-    if not 0 <= n <= SEEDS_PER_SPLIT:
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 0 <= n <= SEEDS_PER_SPLIT:
         raise AirwayInputError(f"Cannot give {n} seeds of a split; expected 0 to {SEEDS_PER_SPLIT}.")
     start = PHANTOM_SPLITS.index(split) * SEEDS_PER_SPLIT
     return list(range(start, start + n))

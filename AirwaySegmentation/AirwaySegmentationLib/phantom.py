@@ -1113,8 +1113,11 @@ def _image(hu: np.ndarray, grid: _Grid, variant: PhantomVariant, rng: np.random.
 # ----------------------------------------------------------------------------- public API
 
 
-def _check_arguments(seed, shape_zyx, spacing_zyx, variant) -> tuple[tuple[int, int, int], np.ndarray, PhantomVariant]:
-    if variant not in PHANTOM_VARIANTS:
+def _check_arguments(
+    seed, shape_zyx, spacing_zyx, variant, progress
+) -> tuple[tuple[int, int, int], np.ndarray, PhantomVariant]:
+    # A list or dict variant is unhashable: test the type first so it gets the same sentence.
+    if not isinstance(variant, str) or variant not in PHANTOM_VARIANTS:
         raise AirwayInputError(
             f"Unknown phantom variant {variant!r}; choose one of {', '.join(sorted(PHANTOM_VARIANTS))}."
         )
@@ -1125,7 +1128,7 @@ def _check_arguments(seed, shape_zyx, spacing_zyx, variant) -> tuple[tuple[int, 
         shape = tuple(int(v) for v in shape_zyx)
         if len(shape) != 3 or any(int(v) != v for v in shape_zyx):
             raise ValueError
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: int(inf)
         raise AirwayInputError(f"The phantom shape must be three integers (z, y, x), got {shape_zyx!r}.") from None
     if min(shape) < _MIN_SHAPE or max(shape) > _MAX_SHAPE:
         raise AirwayInputError(
@@ -1142,6 +1145,8 @@ def _check_arguments(seed, shape_zyx, spacing_zyx, variant) -> tuple[tuple[int, 
             raise AirwayInputError(
                 f"The phantom spacing {spacing_zyx!r} is not usable; give three voxel sizes between 0.2 and 5 mm (z, y, x)."
             )
+    if progress is not None and not callable(progress):
+        raise AirwayInputError(f"The phantom progress callback must be callable, got {progress!r}.")
     extent = np.asarray(shape, dtype=float) * spacing
     if min(extent[1], extent[2]) < 120.0 or extent[0] < 80.0:
         raise AirwayInputError(
@@ -1184,9 +1189,10 @@ def generate_phantom(
     Raises
     ------
     AirwayInputError
-        Unknown variant, bad seed, shape, spacing, or a field of view too small for a chest.
+        Unknown variant, bad seed, shape, spacing or progress callback, or a field of view too
+        small for a chest.
     """
-    shape, spacing, chosen = _check_arguments(seed, shape_zyx, spacing_zyx, variant)
+    shape, spacing, chosen = _check_arguments(seed, shape_zyx, spacing_zyx, variant, progress)
 
     def report(fraction: float, message: str) -> None:
         if progress is not None:

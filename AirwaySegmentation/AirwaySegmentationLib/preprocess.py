@@ -25,6 +25,7 @@ Examples
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -72,12 +73,21 @@ class InputSpec:
     target_spacing_zyx: tuple[float, float, float] | None = None
 
     def __post_init__(self) -> None:
-        low, high = (float(v) for v in self.hu_clip)
+        # The spec comes from a model card too, so a wrong shape is a user's input error.
+        try:
+            low, high = (float(v) for v in self.hu_clip)
+        except (TypeError, ValueError):
+            low = high = math.nan
         if not (math.isfinite(low) and math.isfinite(high) and low < high):
             raise AirwayInputError(
                 f"The HU clip range {self.hu_clip} is not usable; expected (low, high) with low < high."
             )
-        windows = tuple((float(width), float(level)) for width, level in self.windows)
+        try:
+            windows = tuple((float(width), float(level)) for width, level in self.windows)
+        except (TypeError, ValueError):
+            raise AirwayInputError(
+                f"The windows {self.windows} are not usable; expected (width, level) pairs in HU."
+            ) from None
         for width, level in windows:
             if not (math.isfinite(width) and math.isfinite(level) and width > 0):
                 raise AirwayInputError(
@@ -189,7 +199,7 @@ def crop_to_body(ct_zyx: np.ndarray, spacing_zyx: Sequence[float], margin_mm: fl
     if ct.ndim != 3:
         raise AirwayInputError(f"Expected a 3-D CT but got an array with {ct.ndim} dimensions; give one 3-D volume.")
     spacing = np.asarray(as_spacing_zyx(spacing_zyx))
-    if not (math.isfinite(margin_mm) and margin_mm >= 0):
+    if not (isinstance(margin_mm, numbers.Real) and math.isfinite(margin_mm) and margin_mm >= 0):
         raise AirwayInputError(f"The crop margin {margin_mm} mm is not usable; expected a non-negative size.")
     stride = np.maximum(np.rint(_COARSE_SPACING_MM / spacing).astype(int), 1)
     air = ct[:: stride[0], :: stride[1], :: stride[2]] < AIR_THRESHOLD_HU

@@ -61,6 +61,15 @@ SMALL_AIRWAY_RADIUS_VOXELS = 2.0
 CROP_SOURCES = ("random", "hard_mining", "small_airway")
 
 
+def _is_number_pair(values: object) -> bool:
+    """Whether ``values`` is a sequence of two real numbers, so it unpacks and compares."""
+    return (
+        isinstance(values, Sequence)
+        and len(values) == 2
+        and all(isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) for v in values)
+    )
+
+
 @dataclass(frozen=True)
 class CropMix:
     """Shares of the crop sources; they need not sum to 1 (they are normalised).
@@ -75,7 +84,10 @@ class CropMix:
     small_airway: float = 0.25
 
     def __post_init__(self) -> None:
-        shares = np.array(dataclasses.astuple(self), dtype=float)
+        try:
+            shares = np.array(dataclasses.astuple(self), dtype=float)
+        except (TypeError, ValueError):  # a share that is no number
+            shares = np.full(3, np.nan)
         if not np.all(np.isfinite(shares)) or np.any(shares < 0) or shares.sum() <= 0:
             raise AirwayInputError(
                 f"The crop mix {dataclasses.astuple(self)} is not usable; expected non-negative shares, not all 0."
@@ -115,8 +127,9 @@ def sampling_targets(
     The centerline and the lumen radius come from
     :func:`~AirwaySegmentationLib.loss_weights.lumen_geometry` (Lee skeleton, distance to the
     background at each centerline voxel), computed on the airway's bounding box.  Tang counts
-    the radius in pixels; with anisotropic voxels it is counted here in units of the smallest
-    spacing (the in-plane pixel, at which airway calibre is read on CT).
+    the radius in pixels; with anisotropic voxels it is counted here in units of the in-plane
+    pixel (the smaller of the y and x spacings, at which airway calibre is read on CT), not
+    the slice spacing, which may be finer (thin slices) or coarser.
 
     Parameters
     ----------
@@ -139,7 +152,7 @@ def sampling_targets(
     # On the centerline itself the distance to the centerline is 0 and the "radius at the
     # nearest centerline voxel" is the voxel's own distance to the background, Tang's d_center.
     centerline = (geometry.centerline_distance_mm == 0) & airway[box]
-    small = centerline & (geometry.lumen_radius_mm < small_radius_voxels * min(spacing_zyx))
+    small = centerline & (geometry.lumen_radius_mm < small_radius_voxels * min(spacing_zyx[1:]))
     points = np.argwhere(small) + [s.start for s in box]
     return SamplingTargets(points.astype(np.int64), np.zeros((0, 3), np.int64))
 
@@ -182,11 +195,13 @@ class Augmentation:
     max_noise_sd_hu: float = 20.0
 
     def __post_init__(self) -> None:
-        if any(axis not in (0, 1, 2) for axis in self.flip_axes):
+        if not isinstance(self.flip_axes, Sequence) or any(axis not in (0, 1, 2) for axis in self.flip_axes):
             raise AirwayInputError(f"Flip axes {self.flip_axes} are not usable; expected 0 (z), 1 (y) or 2 (x).")
-        low, high = self.scale_range
-        if not 0 < low <= high or not 0 < self.hu_scale_range[0] <= self.hu_scale_range[1]:
-            raise AirwayInputError("Scale ranges must be (low, high) with 0 < low <= high.")
+        for scale_range in (self.scale_range, self.hu_scale_range):
+            if not (_is_number_pair(scale_range) and 0 < scale_range[0] <= scale_range[1]):
+                raise AirwayInputError(
+                    f"The scale range {scale_range} is not usable; expected (low, high) with 0 < low <= high."
+                )
         if min(self.flip_probability, self.max_rotation_deg, self.max_hu_shift, self.max_noise_sd_hu) < 0:
             raise AirwayInputError("Augmentation probabilities, angles, shifts and noise levels must be non-negative.")
 
@@ -362,7 +377,10 @@ class PatchSampler:
     max_shift_fraction: float = 0.25
 
     def __post_init__(self) -> None:
-        size = tuple(int(n) for n in self.patch_size_zyx)
+        try:
+            size = tuple(int(n) for n in self.patch_size_zyx)
+        except (TypeError, ValueError):  # a bare 128, or "abc"
+            size = ()
         if len(size) != 3 or min(size) < 1:
             raise AirwayInputError(
                 f"The patch size {self.patch_size_zyx} is not usable; expected three positive sizes."
