@@ -142,3 +142,13 @@ def test_bad_tree_json_is_one_sentence(tree_files, tmp_path, capsys, branch) -> 
     path.write_text(json.dumps({"branches": [branch]}))
     assert main(["evaluate", "--pred", str(tree_files["mask"]), "--gt", str(tree_files["mask"]), "--tree", str(path)]) == EXIT_BAD_INPUT
     assert "class outside 1-3 or a non-finite" in capsys.readouterr().err
+
+
+def test_missing_optional_package_is_one_sentence(tmp_path, capsys, monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "torch", None)  # import torch now raises ModuleNotFoundError
+    monkeypatch.delitem(sys.modules, "AirwaySegmentationLib.train", raising=False)
+    config = tmp_path / "c.toml"
+    config.write_text("seed = 0\n")
+    assert main(["train", str(config), "--out", str(tmp_path / "run")]) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert "needs torch" in err and "slicer-airway[torch]" in err and len(err.strip().splitlines()) == 1

@@ -21,6 +21,9 @@ from .errors import AirwayInputError
 from .progress import Cancelled, TextProgressBar
 
 EXIT_BAD_INPUT = 2
+# Packages of the optional extras (pyproject.toml) and the extra that brings each.
+_DISTRIBUTION = "slicer-airway"
+_OPTIONAL_PACKAGES = {"torch": "torch", "safetensors": "torch", "tomli": "torch", "matplotlib": "report"}
 EXIT_INTERRUPTED = 130
 
 
@@ -180,6 +183,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.run(args)
     except AirwayInputError as error:
         print(f"airway {args.command}: error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except ModuleNotFoundError as error:
+        if error.name not in _OPTIONAL_PACKAGES:
+            raise
+        print(
+            f"airway {args.command}: error: this command needs {error.name}, which is not installed; "
+            f"install the extra with: pip install '{_DISTRIBUTION}[{_OPTIONAL_PACKAGES[error.name]}]'.",
+            file=sys.stderr,
+        )
         return EXIT_BAD_INPUT
     except OSError as error:
         # A file the user named could not be read or written (permissions, full disk, ...).
