@@ -442,10 +442,13 @@ def atomic_output(path: str | os.PathLike) -> "_AtomicPaths":
 
 
 def atomic_outputs(paths: "list[str | os.PathLike]") -> "_AtomicPaths":
-    """Like :func:`atomic_output` for several files that belong together: all are kept or none.
+    """Like :func:`atomic_output` for several files that belong together.
 
     Yields the list of temporary paths, in the order of ``paths``; they are renamed onto their
-    targets only after the whole block succeeded.
+    targets only after the whole block succeeded, so an error anywhere in the block keeps none
+    of them.  The renames themselves run one after another: a process killed between two of
+    them can leave new and old files side by side.  Where that matters (checkpoints), make one
+    file the commit point and derive the others from it.
     """
     return _AtomicPaths([Path(p) for p in paths], single=False)
 
