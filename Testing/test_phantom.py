@@ -266,3 +266,10 @@ def test_full_size_tree_is_resolvable_by_the_parser():
     for airway_class, minimum in ((1, 0.90), (2, 0.80), (3, 0.80)):
         a, b = labels == airway_class, airway3 == airway_class
         assert 2.0 * np.count_nonzero(a & b) / (np.count_nonzero(a) + np.count_nonzero(b)) >= minimum, airway_class
+
+
+def test_a_failed_write_keeps_none_of_the_files(phantom, tmp_path):
+    (tmp_path / "tree.json").mkdir()  # the last file cannot be written
+    with pytest.raises(AirwayInputError, match="it is a folder"):
+        write_phantom(phantom, tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["tree.json"]

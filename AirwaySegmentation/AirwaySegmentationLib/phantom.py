@@ -107,7 +107,7 @@ from scipy.spatial import cKDTree
 
 from .classes import branch_class
 from .errors import AirwayInputError
-from .volume import Geometry, Volume, atomic_output, write_volume
+from .volume import Geometry, Volume, atomic_outputs, write_volume
 
 ProgressCallback = Callable[[float, str], None]
 
@@ -1262,7 +1262,11 @@ def tree_description(phantom: Phantom) -> dict:
 
 
 def write_phantom(phantom: Phantom, out_dir: str | Path) -> dict[str, Path]:
-    """Write the phantom's volumes (NIfTI) and ``tree.json`` into ``out_dir``, each file atomically.
+    """Write the phantom's volumes (NIfTI) and ``tree.json`` into ``out_dir``.
+
+    The files are written together (:func:`~AirwaySegmentationLib.volume.atomic_outputs`): if
+    any of them fails, none replaces what ``out_dir`` held, so a CT is never left beside the
+    ground truth of another phantom.
 
     Returns
     -------
@@ -1272,14 +1276,10 @@ def write_phantom(phantom: Phantom, out_dir: str | Path) -> dict[str, Path]:
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise AirwayInputError(f"{out_dir} exists and is not a folder; give a folder for the phantom files.")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = {
-        name: write_volume(volume, out_dir / f"{name}.nii.gz")
-        for name, volume in (("ct", phantom.ct), ("airway", phantom.airway), ("airway3", phantom.airway3),
-                             ("lungs", phantom.lungs))
-    }
-    tree_path = out_dir / "tree.json"
-    with atomic_output(tree_path) as tmp:
-        tmp.write_text(json.dumps(tree_description(phantom)))
-    written["tree"] = tree_path
-    return written
+    volumes = {"ct": phantom.ct, "airway": phantom.airway, "airway3": phantom.airway3, "lungs": phantom.lungs}
+    paths = {name: out_dir / f"{name}.nii.gz" for name in volumes} | {"tree": out_dir / "tree.json"}
+    with atomic_outputs(list(paths.values())) as temporary:
+        for volume, tmp in zip(volumes.values(), temporary):
+            write_volume(volume, tmp)
+        temporary[-1].write_text(json.dumps(tree_description(phantom)))
+    return paths
