@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import copy
 import json
 import os
@@ -13,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from AirwaySegmentationLib.cli import EXIT_BAD_INPUT, main
+from AirwaySegmentationLib import volume
+from AirwaySegmentationLib.cli import EXIT_BAD_INPUT, EXIT_INTERRUPTED, main
 from AirwaySegmentationLib.errors import AirwayInputError
 from AirwaySegmentationLib.infer import (
     cpu_has_native_bfloat16,
@@ -30,7 +32,7 @@ from AirwaySegmentationLib.models import (
 )
 from AirwaySegmentationLib.networks import SegmentationOutput, build_network
 from AirwaySegmentationLib.progress import Cancelled
-from AirwaySegmentationLib.train import TrainingLoss, train
+from AirwaySegmentationLib.train import LOG_COLUMNS, TrainingLoss, train
 from AirwaySegmentationLib.train_config import (
     LossConfig,
     ScheduleConfig,
@@ -127,6 +129,12 @@ def test_config_round_trips_through_toml(tmp_path) -> None:
         ({"data": {"phantoms": {"variants": ["glossy"]}}}, "data.phantoms.variants"),
         ({"validation": {"overlap_zyx": [32, 8, 8]}}, "validation.overlap_zyx"),
         ({"colour": "blue"}, "colour"),
+        ({"seed": -1}, "seed"),
+        ({"sampling": {"patch_size_zyx": [30, 30, 30]}}, "sampling.patch_size_zyx"),  # WingsNet: multiples of 8
+        (
+            {"network": {"name": "pwfr_unet", "kwargs": {"base_width": 2}}, "sampling": {"patch_size_zyx": [24, 24, 24]}},
+            "sampling.patch_size_zyx",  # the U-Nets: multiples of 16
+        ),
     ],
 )
 def test_bad_config_names_the_key(tmp_path, change: dict, key: str) -> None:
@@ -150,6 +158,25 @@ def test_cli_train_with_a_bad_config_exits_2_with_one_sentence(tmp_path, capsys)
     message = capsys.readouterr().err.strip()
     assert message.count("\n") == 0 and "schedule.iterations_per_epoch" in message
     assert not (tmp_path / "run").exists()
+
+
+def test_cli_train_interrupted_says_the_run_resumes(tmp_path, capsys, monkeypatch) -> None:
+    def interrupted(*args, **kwargs):
+        raise Cancelled("stopped")
+
+    monkeypatch.setattr("AirwaySegmentationLib.train.train", interrupted)
+    path = write_toml(TINY, tmp_path / "tiny.toml")
+    assert main(["train", str(path), "--out", str(tmp_path / "run")]) == EXIT_INTERRUPTED
+    message = capsys.readouterr().err
+    assert "the last finished epoch is saved" in message and "resume" in message and "no partial output" not in message
+
+
+def test_cli_train_with_a_diverging_loss_exits_2_with_one_sentence(tmp_path, capsys) -> None:
+    table = tiny(optimizer={"lr": 1e30}, data={"phantoms": {**TINY["data"]["phantoms"], "train": 1, "validation": 0}})
+    path = write_toml(table, tmp_path / "nan.toml")
+    assert main(["train", str(path), "--out", str(tmp_path / "run")]) == EXIT_BAD_INPUT
+    message = capsys.readouterr().err.strip()
+    assert message.count("\n") == 0 and "The loss is nan" in message and "optimizer.lr" in message
 
 
 def test_precision_choice() -> None:
@@ -206,26 +233,101 @@ def test_tiny_run_writes_checkpoint_log_and_best_model(tiny_run) -> None:
     assert sum(p.numel() for p in model.parameters()) == card["parameter_count"]
 
 
-def test_resume_after_a_kill_continues_and_repeats_the_uninterrupted_run(tiny_run, tmp_path) -> None:
-    def cancel_in_epoch_2(fraction: float, message: str) -> None:
-        if message.startswith("epoch 2/2"):
+def test_resume_after_a_kill_continues_and_repeats_the_uninterrupted_run(tmp_path) -> None:
+    # Mining every 2 epochs and a kill in epoch 4: the resumed epoch must reuse the masks mined
+    # in epoch 3, not mine new ones from the resumed model; all crops are hard-mining crops so
+    # any other mask changes the patches.
+    steps = 2  # per epoch: a model one epoch further on then mines other masks
+    table = tiny(
+        sampling={"hard_mining_every": 2, "crop_mix": {"random": 0.0, "hard_mining": 1.0, "small_airway": 0.0}},
+        schedule={"epochs": 4, "iterations_per_epoch": steps},
+        data={"phantoms": {**TINY["data"]["phantoms"], "validation": 0}},
+        optimizer={"lr": 1e-2},
+    )
+    train(config_from_dict(table), tmp_path / "uninterrupted")
+
+    def cancel_in_epoch_4(fraction: float, message: str) -> None:
+        if message.startswith("epoch 4/4"):
             raise Cancelled("killed")
 
+    out = tmp_path / "resumed"
     with pytest.raises(Cancelled):
-        train(config_from_dict(TINY), tmp_path, progress=cancel_in_epoch_2)
-    saved = json.loads((tmp_path / "last.json").read_text())
-    assert (saved["epoch"], saved["iteration"]) == (1, 2)
-    assert len((tmp_path / "log.csv").read_text().splitlines()) == 2
+        train(config_from_dict(table), out, progress=cancel_in_epoch_4)
+    saved = json.loads((out / "last.json").read_text())
+    assert (saved["epoch"], saved["iteration"]) == (3, 3 * steps)
+    assert len((out / "log.csv").read_text().splitlines()) == 4
 
     messages = []
-    result = train(config_from_dict(TINY), tmp_path, progress=lambda f, m: messages.append(m))
-    assert not any(m.startswith("epoch 1/2") for m in messages)  # epoch 1 was not redone
-    assert result.epochs == 2 and result.iterations == 4
-    log = (tmp_path / "log.csv").read_text().splitlines()
-    assert [row.split(",")[:2] for row in log[1:]] == [["1", "2"], ["2", "4"]]
-    uninterrupted = model_state(tiny_run[0] / "last.pt")
-    resumed = model_state(tmp_path / "last.pt")
+    result = train(config_from_dict(table), out, progress=lambda f, m: messages.append(m))
+    assert not any(m.startswith("epoch 3/4") for m in messages)  # epoch 3 was not redone
+    assert not any("hard mining" in m for m in messages)  # the saved masks were reused
+    assert result.epochs == 4 and result.iterations == 4 * steps
+    log = (out / "log.csv").read_text().splitlines()
+    assert [row.split(",")[:2] for row in log[1:]] == [[str(i), str(i * steps)] for i in range(1, 5)]
+    uninterrupted = model_state(tmp_path / "uninterrupted" / "last.pt")
+    resumed = model_state(out / "last.pt")
     assert all(torch.equal(uninterrupted[k], resumed[k]) for k in uninterrupted)
+
+
+def test_a_kill_between_the_checkpoint_files_leaves_a_resumable_run(tmp_path, monkeypatch) -> None:
+    table = tiny(schedule={"epochs": 2, "iterations_per_epoch": 1}, data={"phantoms": {**TINY["data"]["phantoms"], "validation": 0}})
+    rename = os.replace
+    renamed = []
+
+    def kill_after_the_second_last_pt(source, target) -> None:
+        rename(source, target)
+        renamed.append(Path(target).name)
+        if renamed.count("last.pt") == 2:
+            raise KeyboardInterrupt("killed right after last.pt was renamed")
+
+    monkeypatch.setattr(volume.os, "replace", kill_after_the_second_last_pt)
+    with pytest.raises(KeyboardInterrupt):
+        train(config_from_dict(table), tmp_path)
+    monkeypatch.setattr(volume.os, "replace", rename)
+    messages = []
+    result = train(config_from_dict(table), tmp_path, progress=lambda f, m: messages.append(m))
+    assert not any(m.startswith("epoch 2/2") for m in messages)  # last.pt had committed epoch 2
+    assert (result.epochs, result.iterations) == (2, 2)
+    assert json.loads((tmp_path / "last.json").read_text())["epoch"] == 2  # the copies were brought up to date
+    assert len((tmp_path / "log.csv").read_text().splitlines()) == 3
+
+
+def test_extending_a_cosine_run_anneals_over_the_new_length(tmp_path) -> None:
+    def config(epochs: int):
+        return config_from_dict(tiny(
+            optimizer={"lr_schedule": "cosine", "lr": 1e-3},
+            sampling={"hard_mining_every": 0},
+            schedule={"epochs": epochs, "iterations_per_epoch": 1},
+            data={"phantoms": {**TINY["data"]["phantoms"], "train": 1, "validation": 0}},
+        ))
+
+    train(config(1), tmp_path)
+    train(config(3), tmp_path)  # the run length may change on resume
+    rows = (tmp_path / "log.csv").read_text().splitlines()[1:]
+    lr = [float(row.split(",")[LOG_COLUMNS.index("lr")]) for row in rows]
+    # After epoch e of 3 (one iteration each) the next rate is lr * (1 + cos(pi e / 3)) / 2.
+    assert lr[1:] == pytest.approx([1e-3 * (1 + np.cos(np.pi * e / 3)) / 2 for e in (2, 3)], abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        {"model": argparse.Namespace(weights=1)},  # not tensors only: refused by weights_only
+        {"model": {}, "optimizer": {}, "scaler": {}, "sidecar": json.dumps({"checkpoint_version": 2, "iteration": 0})},
+        {"model": {}, "optimizer": {}, "scaler": {}, "sidecar": json.dumps(["not", "a", "table"])},
+    ],
+    ids=["pickled-object", "sidecar-without-keys", "sidecar-not-a-table"],
+)
+def test_an_unusable_checkpoint_exits_2_with_one_sentence(tmp_path, capsys, content: dict) -> None:
+    out = tmp_path / "run"
+    out.mkdir()
+    # With an iteration and a last.json that agree, as the checkpoints of format 1 had: only the content is at fault.
+    torch.save({**content, "iteration": torch.tensor(0)}, out / "last.pt")
+    (out / "last.json").write_text(content.get("sidecar", "{}"))
+    path = write_toml(TINY, tmp_path / "tiny.toml")
+    assert main(["train", str(path), "--out", str(out)]) == EXIT_BAD_INPUT
+    message = capsys.readouterr().err.strip()
+    assert message.count("\n") == 0 and "--no-resume" in message
 
 
 def test_resume_refuses_another_config_and_no_resume_starts_over(tiny_run, tmp_path) -> None:

@@ -2,7 +2,8 @@
 
 Each subcommand is a thin shell over one Python function that batch scripts can call
 directly (named in the subcommand's help).  Bad input ends with one sentence on stderr and
-exit status 2; an interrupted run exits with 130 and leaves no partial output file.
+exit status 2; an interrupted run exits with 130 and leaves no partial output file (``train``
+keeps its last finished epoch, which the same command resumes).
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ import json
 import os
 import shlex
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from . import __version__
 from .classes import DEFAULT_SEGMENTAL_GENERATION
@@ -21,10 +22,10 @@ from .errors import AirwayInputError
 from .progress import Cancelled, TextProgressBar
 
 EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
 # Packages of the optional extras (pyproject.toml) and the extra that brings each.
 _DISTRIBUTION = "slicer-airway"
 _OPTIONAL_PACKAGES = {"torch": "torch", "safetensors": "torch", "tomli": "torch", "matplotlib": "report"}
-EXIT_INTERRUPTED = 130
 
 
 def _cmd_phantom(args: argparse.Namespace) -> int:
@@ -170,7 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", required=True, type=Path, help="run folder (checkpoints, log, best model)")
     train.add_argument("--init", type=Path, default=None, help="fine-tune from this model (.safetensors with its .json card)")
     train.add_argument("--no-resume", action="store_true", help="start over even if --out holds a checkpoint")
-    train.set_defaults(run=_cmd_train)
+    train.set_defaults(
+        run=_cmd_train,
+        interrupted="the last finished epoch is saved in --out; run the same command again to resume",
+    )
     return parser
 
 
@@ -199,7 +203,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"airway {args.command}: error: cannot access{where} ({error.strerror or error}).", file=sys.stderr)
         return EXIT_BAD_INPUT
     except (KeyboardInterrupt, Cancelled):
-        print(f"airway {args.command}: interrupted; no partial output was kept.", file=sys.stderr)
+        kept = getattr(args, "interrupted", "no partial output was kept")
+        print(f"airway {args.command}: interrupted; {kept}.", file=sys.stderr)
         return EXIT_INTERRUPTED
 
 

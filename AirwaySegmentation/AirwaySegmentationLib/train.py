@@ -11,19 +11,24 @@ name (:func:`~AirwaySegmentationLib.networks.build_network`) and reads its
 
 Outputs in ``out_dir``:
 
-- ``last.pt`` + ``last.json``: the checkpoint, written atomically (with ``log.csv``) at the
-  end of every epoch.  ``last.pt`` holds only state dicts of tensors (model, optimizer,
-  LR scheduler, gradient scaler) and is read with ``torch.load(weights_only=True)``;
-  ``last.json`` holds the rest (epoch, iteration, best score, the log rows, the config).
-- ``log.csv``: one row per epoch (losses, validation metrics, learning rate, seconds);
-  TensorBoard event files too when ``tensorboard`` is installed.
+- ``last.pt``: the checkpoint, written at the end of every epoch and renamed into place
+  (after an fsync) as the single commit point of the run.  It holds only tensors and
+  strings (read with ``torch.load(weights_only=True)``): the state dicts of the model,
+  optimizer and gradient scaler, the packed hard-mining masks in use, and the run's
+  non-tensor state as a JSON string (epoch, iteration, best score, the log rows, the config).
+- ``last.json`` and ``log.csv``: copies of that JSON and of its log rows (one per epoch:
+  losses, validation metrics, learning rate, seconds), written after ``last.pt`` for people
+  and tools; a resume never reads them.  TensorBoard event files too when ``tensorboard``
+  is installed.
 - ``best.safetensors`` + ``best.json``: the model with the best mean ATM'22 score on the
   validation volumes and its model card (:func:`~AirwaySegmentationLib.models.export_model`).
 
 Resume: :func:`train` continues from ``last.pt`` after a kill, from the start of the epoch
 after the last one saved.  Every random source (patches, augmentation, dropout, the loss's
 random roots) is reseeded from ``(seed, rank, epoch)`` at the start of an epoch, so the
-epoch number is the whole random state and a resumed run repeats an uninterrupted one.
+epoch number is the whole random state; with the hard-mining masks kept in ``last.pt`` a
+resumed run repeats an uninterrupted one.  The learning rate is a function of the iteration
+and the config, so a run resumed with more ``schedule.epochs`` follows the longer schedule.
 
 DDP: launched by ``torchrun`` (``RANK`` / ``WORLD_SIZE`` set) every process trains a
 replica wrapped in ``DistributedDataParallel`` (gloo on CPU, NCCL on CUDA) on its own stream
@@ -50,11 +55,12 @@ import datetime
 import json
 import math
 import os
+import pickle
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -93,9 +99,9 @@ from .train_config import (
     TrainConfig,
 )
 from .tree import parse_airway_tree
-from .volume import atomic_outputs
+from .volume import atomic_output, atomic_outputs
 
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2
 LOG_COLUMNS = (
     "epoch", "iteration", "phase", "loss", "loss_main", "loss_aux", "loss_distillation",
     "td", "bd", "dsc", "precision", "atm22_score", "lr", "seconds_per_iteration", "seconds",
@@ -319,7 +325,11 @@ def _predict(model: nn.Module, volume: TrainingVolume, config: TrainConfig, spec
 def _miss_masks(
     model: nn.Module, volumes: Sequence[TrainingVolume], config: TrainConfig, spec: InputSpec, runtime: Runtime
 ) -> list[np.ndarray]:
-    """Hard-mining masks ``label & ~prediction`` of every training volume, shared by all ranks."""
+    """Hard-mining masks ``label & ~prediction`` of every training volume, shared by all ranks.
+
+    Returned bit-packed (``np.packbits`` of the flattened mask, uint8): the form they travel
+    between ranks and are stored in the checkpoint in; :func:`_unpack_masks` restores them.
+    """
     mine = {}
     for index in range(runtime.rank, len(volumes), runtime.world_size):
         volume = volumes[index]
@@ -329,10 +339,12 @@ def _miss_masks(
         gathered: list[dict] = [{} for _ in range(runtime.world_size)]
         dist.all_gather_object(gathered, mine)
         mine = {index: bits for part in gathered for index, bits in part.items()}
-    return [
-        np.unpackbits(mine[i], count=v.labels3.size).reshape(v.labels3.shape).astype(bool)
-        for i, v in enumerate(volumes)
-    ]
+    return [mine[i] for i in range(len(volumes))]
+
+
+def _unpack_masks(packed: Sequence[np.ndarray], volumes: Sequence[TrainingVolume]) -> list[np.ndarray]:
+    """The boolean masks of :func:`_miss_masks`'s packed ones, on each volume's grid."""
+    return [np.unpackbits(bits, count=v.labels3.size).reshape(v.labels3.shape).astype(bool) for bits, v in zip(packed, volumes)]
 
 
 # --------------------------------------------------------------------------------------
@@ -342,7 +354,7 @@ def _miss_masks(
 
 @dataclass
 class TrainState:
-    """The non-tensor state of a run, kept in ``last.json``.
+    """The non-tensor state of a run, kept as JSON in ``last.pt`` (and copied to ``last.json``).
 
     Attributes
     ----------
@@ -369,25 +381,52 @@ def _checkpoint_paths(out_dir: Path) -> tuple[Path, Path, Path]:
     return out_dir / "last.pt", out_dir / "last.json", out_dir / "log.csv"
 
 
+#: What ``last.pt`` must hold besides the optional ``miss_masks``.
+_CHECKPOINT_KEYS = ("model", "optimizer", "scaler", "sidecar")
+
+
+class _Checkpoint(NamedTuple):
+    """A checkpoint as read back: the state dicts, the run state, the input spec, the packed miss masks."""
+
+    tensors: dict[str, Any]
+    state: TrainState
+    spec: InputSpec
+    packed_masks: list[np.ndarray] | None
+
+
 def _save_checkpoint(
     out_dir: Path, tensors: dict[str, Any], state: TrainState, config: TrainConfig, spec: InputSpec, world_size: int
 ) -> None:
-    """``last.pt``, ``last.json`` and ``log.csv``, all three or none."""
-    sidecar = {
+    """``last.pt`` (the commit point), then ``last.json`` and ``log.csv`` derived from it."""
+    sidecar = json.dumps({
         "checkpoint_version": CHECKPOINT_VERSION,
         **dataclasses.asdict(state),
         "config": config.as_dict(),
         "input_spec": spec.as_dict(),
         "world_size": world_size,  # processes that trained the last epoch (information only)
-    }
-    with atomic_outputs(list(_checkpoint_paths(out_dir))) as (pt_tmp, json_tmp, csv_tmp):
-        # The iteration is stored on both sides so a mismatched pair is caught on load.
-        torch.save({**tensors, "iteration": torch.tensor(state.iteration)}, pt_tmp)
-        json_tmp.write_text(json.dumps(sidecar, indent=1) + "\n")
+    }, indent=1) + "\n"
+    pt_path = _checkpoint_paths(out_dir)[0]
+    with atomic_output(pt_path) as pt_tmp, open(pt_tmp, "wb") as stream:
+        torch.save({**tensors, "sidecar": sidecar}, stream)
+        stream.flush()
+        # The rename must not reach the disk before the data: a crash would leave an empty last.pt.
+        os.fsync(stream.fileno())
+    _write_copies(out_dir, sidecar, state.log)
+
+
+def _write_copies(out_dir: Path, sidecar: str, log: list[dict]) -> None:
+    """``last.json`` and ``log.csv`` from the checkpoint's sidecar and log rows.
+
+    A kill before they are renamed leaves them one epoch behind ``last.pt``, which is harmless:
+    a resume reads ``last.pt`` only and writes them again.
+    """
+    _, json_path, csv_path = _checkpoint_paths(out_dir)
+    with atomic_outputs([json_path, csv_path]) as (json_tmp, csv_tmp):
+        json_tmp.write_text(sidecar)
         with open(csv_tmp, "w", newline="") as stream:
             writer = csv.DictWriter(stream, fieldnames=LOG_COLUMNS)
             writer.writeheader()
-            writer.writerows(state.log)
+            writer.writerows(log)
 
 
 def _comparable(config: dict) -> dict:
@@ -395,26 +434,39 @@ def _comparable(config: dict) -> dict:
     return {**config, "schedule": {**config["schedule"], "epochs": None}}
 
 
-def _load_checkpoint(out_dir: Path, config: TrainConfig) -> tuple[dict, TrainState, InputSpec] | None:
-    """The checkpoint in ``out_dir`` (tensors, state, input spec), or None when there is none."""
-    pt_path, json_path, _ = _checkpoint_paths(out_dir)
+def _load_checkpoint(out_dir: Path, config: TrainConfig) -> _Checkpoint | None:
+    """The checkpoint in ``out_dir``, or None when there is none."""
+    pt_path = _checkpoint_paths(out_dir)[0]
     if not pt_path.is_file():
         return None
+    unreadable = f"The checkpoint {pt_path} cannot be read ({{}}); train with --no-resume or another --out."
     try:
-        sidecar = json.loads(json_path.read_text())
+        # weights_only refuses anything but tensors and plain containers (UnpicklingError): no code runs.
         tensors = torch.load(pt_path, map_location="cpu", weights_only=True)
-    except (OSError, ValueError, RuntimeError) as error:
+    except (OSError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError) as error:
+        raise AirwayInputError(unreadable.format(type(error).__name__)) from None
+    try:
+        missing = [key for key in _CHECKPOINT_KEYS if key not in tensors] if isinstance(tensors, dict) else ["model"]
+        if missing:
+            raise KeyError(missing[0])
+        packed_masks = [bits.numpy() for bits in tensors["miss_masks"]] if "miss_masks" in tensors else None
+        sidecar = json.loads(tensors["sidecar"])
+        version = sidecar["checkpoint_version"]
+        same_config = _comparable(sidecar["config"]) == _comparable(config.as_dict())
+        state = TrainState(**{f.name: sidecar[f.name] for f in dataclasses.fields(TrainState)})
+        spec = InputSpec.from_dict(sidecar["input_spec"])
+    except (KeyError, TypeError, AttributeError, ValueError) as error:
+        raise AirwayInputError(unreadable.format(f"{type(error).__name__} {error}")) from None
+    if version != CHECKPOINT_VERSION:
         raise AirwayInputError(
-            f"The checkpoint in {out_dir} cannot be read ({type(error).__name__}); train with --no-resume or another --out."
-        ) from None
-    if int(tensors.get("iteration", -1)) != sidecar.get("iteration"):
-        raise AirwayInputError(f"{pt_path} and {json_path} are from different iterations; train with --no-resume.")
-    if _comparable(sidecar.get("config", {})) != _comparable(config.as_dict()):
+            f"The checkpoint {pt_path} has format {version!r} but this version reads {CHECKPOINT_VERSION}; "
+            "train with --no-resume or another --out."
+        )
+    if not same_config:
         raise AirwayInputError(
             f"{out_dir} holds a run with another configuration; train with --no-resume to start over or give another --out."
         )
-    state = TrainState(**{f.name: sidecar[f.name] for f in dataclasses.fields(TrainState)})
-    return tensors, state, InputSpec.from_dict(sidecar["input_spec"])
+    return _Checkpoint(tensors, state, spec, packed_masks)
 
 
 def _tensorboard(out_dir: Path, purge_step: int):
@@ -475,10 +527,23 @@ def _init_model(model: nn.Module, init: str | os.PathLike, config: TrainConfig) 
     return InputSpec.from_dict(card["input_spec"]) if "input_spec" in card else DEFAULT_INPUT_SPEC
 
 
-def _lr_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig) -> torch.optim.lr_scheduler.LRScheduler:
+def _lr_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, iteration: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """The configured schedule, positioned to give the learning rate of ``iteration``.
+
+    A closed form of the iteration and the config, never restored from a checkpoint: a run
+    resumed with more epochs anneals over its new length (a restored ``CosineAnnealingLR``
+    would keep the old ``T_max``).  ``optimizer`` must hold ``initial_lr`` when
+    ``iteration > 0`` (it does after loading a checkpoint's optimizer state).
+    """
+    total = config.schedule.total_iterations
     if config.optimizer.lr_schedule == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.schedule.total_iterations)
-    return torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
+        def factor(i: int) -> float:
+            return 0.5 * (1.0 + math.cos(math.pi * min(i, total) / total))
+    else:
+        def factor(i: int) -> float:
+            return 1.0
+    # The constructor takes one step, to last_epoch = iteration.
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor, last_epoch=iteration - 1)
 
 
 def _export_best(
@@ -556,15 +621,17 @@ def _train(
     memory_format = torch.channels_last_3d if config.runtime.channels_last else torch.contiguous_format
     model = model.to(runtime.device, memory_format=memory_format)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.optimizer.lr, weight_decay=config.optimizer.weight_decay)
-    scheduler = _lr_scheduler(optimizer, config)
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.dtype == torch.float16)
     state = TrainState()
+    packed_masks: list[np.ndarray] | None = None
     if checkpoint is not None:
-        tensors, state, spec = checkpoint
+        tensors, state, spec, packed_masks = checkpoint
         model.load_state_dict(tensors["model"])
         optimizer.load_state_dict(tensors["optimizer"])
-        scheduler.load_state_dict(tensors["scheduler"])
         scaler.load_state_dict(tensors["scaler"])
+        if runtime.is_main:
+            _write_copies(out_dir, tensors["sidecar"], state.log)
+    scheduler = _lr_scheduler(optimizer, config, state.iteration)
 
     train_volumes, validation_volumes = load_training_volumes(config.data, progress)
     validator = _Validator(validation_volumes) if runtime.is_main else None
@@ -576,6 +643,9 @@ def _train(
         seed=_seed(config, runtime, 0, 0),
         n_patches=config.schedule.iterations_per_epoch * config.sampling.batch_size,
     )
+    if packed_masks is not None:
+        # The masks of the last mining pass, not new ones from the resumed model: as in the uninterrupted run.
+        dataset.set_miss_masks(_unpack_masks(packed_masks, train_volumes))
     loss_fn = TrainingLoss(config.loss, config.schedule)
     core = model
     if runtime.distributed:
@@ -584,15 +654,15 @@ def _train(
     writer = _tensorboard(out_dir, state.iteration) if runtime.is_main else None
     total = config.schedule.total_iterations
     every = config.sampling.hard_mining_every
-    masks_set = False
     mean_loss = math.nan
     try:
         for epoch in range(state.epoch, config.schedule.epochs):
             started = time.perf_counter()
-            if every and epoch >= every and (epoch % every == 0 or not masks_set):
+            # A resumed run has the masks of the last pass (hard_mining_every cannot change on resume).
+            if every and epoch >= every and epoch % every == 0:
                 report(progress, state.iteration / total, f"epoch {epoch + 1}: hard mining on {len(train_volumes)} volumes")
-                dataset.set_miss_masks(_miss_masks(core, train_volumes, config, spec, runtime))
-                masks_set = True
+                packed_masks = _miss_masks(core, train_volumes, config, spec, runtime)
+                dataset.set_miss_masks(_unpack_masks(packed_masks, train_volumes))
             steps_started = time.perf_counter()
             dataset.set_epoch(epoch)
             torch.manual_seed(_seed(config, runtime, epoch, 1))
@@ -607,8 +677,9 @@ def _train(
                     output = model(batch["image"].contiguous(memory_format=memory_format))
                 terms = loss_fn(output, batch, state.iteration)
                 if not torch.isfinite(terms.total):
-                    raise FloatingPointError(
-                        f"The loss is {float(terms.total)} at iteration {state.iteration}; lower optimizer.lr or use float32."
+                    # Bad settings rather than a bug: the CLI reports it as one sentence (exit 2).
+                    raise AirwayInputError(
+                        f"The loss is {float(terms.total.detach())} at iteration {state.iteration}; lower optimizer.lr or use float32."
                     )
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(terms.total).backward()
@@ -630,7 +701,8 @@ def _train(
             state.epoch = epoch + 1
             if runtime.is_main:
                 _finish_epoch(core, out_dir, config, spec, runtime, state, validator, sums / max(steps, 1),
-                              steps, train_seconds, started, optimizer, scheduler, scaler, writer, command, progress)
+                              steps, train_seconds, started, optimizer, scheduler, scaler, packed_masks, writer,
+                              command, progress)
             _barrier(runtime)
     finally:
         if writer is not None:
@@ -642,7 +714,8 @@ def _train(
 def _finish_epoch(
     model: nn.Module, out_dir: Path, config: TrainConfig, spec: InputSpec, runtime: Runtime, state: TrainState,
     validator: _Validator, means: np.ndarray, steps: int, train_seconds: float, started: float,
-    optimizer: torch.optim.Optimizer, scheduler, scaler, writer, command: str | None, progress: ProgressCallback | None,
+    optimizer: torch.optim.Optimizer, scheduler, scaler, packed_masks: list[np.ndarray] | None, writer,
+    command: str | None, progress: ProgressCallback | None,
 ) -> None:
     """Rank 0 at the end of an epoch: validate, keep the best model, log, checkpoint."""
     metrics: dict[str, float] = {}
@@ -674,7 +747,8 @@ def _finish_epoch(
     tensors = {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
         "scaler": scaler.state_dict(),
     }
+    if packed_masks is not None:
+        tensors["miss_masks"] = [torch.from_numpy(bits) for bits in packed_masks]
     _save_checkpoint(out_dir, tensors, state, config, spec, runtime.world_size)
