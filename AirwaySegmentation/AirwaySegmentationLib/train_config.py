@@ -28,13 +28,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
-from torch import nn
 
 from .data import DEFAULT_MARGIN_MM
 from .errors import AirwayInputError
 from .infer import BLENDINGS, PRECISIONS
 from .networks import NETWORKS, build_network
-from .networks.blocks import RecalibratedUNet
 from .phantom import PHANTOM_VARIANTS
 from .sampling import CropMix
 
@@ -411,15 +409,6 @@ def _from_table(cls: type, table: object, where: str) -> Any:
         raise AirwayInputError(f"[{where}] {text}" if text[:1].isupper() else f"{where}.{text}") from None
 
 
-def _input_divisor(network: nn.Module) -> int:
-    """What the D, H and W of ``network``'s input must be multiples of: 2 to the number of poolings.
-
-    The U-Nets record their poolings as ``depth``; WingsNet pools between its encoder scales.
-    """
-    poolings = network.depth if isinstance(network, RecalibratedUNet) else len(network.encoder) - 1
-    return 2**poolings
-
-
 def config_from_dict(table: Mapping) -> TrainConfig:
     """A :class:`TrainConfig` from nested dicts as read from TOML; errors name the key."""
     config = _from_table(TrainConfig, dict(table), "")
@@ -428,7 +417,7 @@ def config_from_dict(table: Mapping) -> TrainConfig:
     except (TypeError, ValueError) as error:
         raise AirwayInputError(f"network.kwargs do not build {config.network.name}: {error}.") from None
     # Checked here rather than at the first forward pass, after the training data were loaded.
-    divisor = _input_divisor(network)
+    divisor = network.input_divisor
     patch = config.sampling.patch_size_zyx
     _check(
         not any(size % divisor for size in patch), "sampling.patch_size_zyx",

@@ -226,8 +226,13 @@ class RecalibratedUNet(nn.Module):
             )
         self.head = nn.Conv3d(widths[0], out_channels, 1)
 
+    @property
+    def input_divisor(self) -> int:
+        """D, H and W of the input must be multiples of this: 2 to the number of poolings."""
+        return 2**self.depth
+
     def forward(self, x: torch.Tensor) -> SegmentationOutput:
-        check_input(x, self.in_channels, 2**self.depth, type(self).__name__)
+        check_input(x, self.in_channels, self.input_divisor, type(self).__name__)
         skips = []
         for level, scale in enumerate(self.encoder):
             x = scale(x if level == 0 else self.pool(x))

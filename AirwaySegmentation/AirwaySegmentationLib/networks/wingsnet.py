@@ -209,8 +209,13 @@ class WingsNet(nn.Module):
         sides.append(scale_sides)
         return x
 
+    @property
+    def input_divisor(self) -> int:
+        """D, H and W of the input must be multiples of this: 2 to the number of poolings."""
+        return 2 ** (len(self.encoder) - 1)
+
     def forward(self, x: torch.Tensor) -> SegmentationOutput:
-        check_input(x, self.in_channels, 8, "WingsNet")
+        check_input(x, self.in_channels, self.input_divisor, "WingsNet")
         size = x.shape[2:]
         encoder_sides: list[list[torch.Tensor]] = []
         skips = []
