@@ -7,7 +7,6 @@ anywhere between the renderer, the written headers and tree.json shows.
 from __future__ import annotations
 
 import json
-import time
 
 import cc3d
 import numpy as np
@@ -248,10 +247,11 @@ def test_unrelated_branches_keep_clear_and_stay_resolvable(phantom):
 
 
 def test_full_size_tree_is_resolvable_by_the_parser():
-    """At 256^3 / 0.8 mm the tree parser sees the tree that tree.json describes."""
-    start = time.perf_counter()
+    """At 256^3 / 0.8 mm the tree parser sees the tree that tree.json describes.
+
+    Generation speed is measured by benchmarks/phantom_realism.py, not asserted here.
+    """
     phantom = generate_phantom(seed=0, shape_zyx=(256, 256, 256), spacing_zyx=(0.8, 0.8, 0.8))
-    assert time.perf_counter() - start < 30.0
     airway, airway3 = phantom.airway.array_zyx, phantom.airway3.array_zyx
     parsed = parse_airway_tree(airway, phantom.airway.spacing_zyx, connectivity=26)
     assert parsed.n_generations >= 10
