@@ -1,6 +1,6 @@
 """Training data on a real scan: the chest crop and the patch throughput.
 
-On LIDC-IDRI-0314 (``/work/shared/data/realct``) with its automatic airway mask
+On LIDC-IDRI-0314 (``../shared/data/realct`` beside the repository) with its automatic airway mask
 (region growing at -900 HU) as the label:
 
 - prints the :func:`crop_to_body` box and checks that the whole airway mask lies inside it;
@@ -26,7 +26,8 @@ from AirwaySegmentationLib.preprocess import crop_to_body
 from AirwaySegmentationLib.sampling import Augmentation, PatchDataset, PatchSampler
 from AirwaySegmentationLib.volume import read_ct, read_label
 
-REAL_DIR = Path("/work/shared/data/realct/lidc-idri-0314")
+#: The shared data folder lies beside the repository (../shared), as on the workstations and CI.
+REAL_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "realct" / "lidc-idri-0314"
 
 
 def main() -> None:

@@ -1,7 +1,7 @@
 """How real does the synthetic chest CT look, and how fast is it made?
 
 Measures the same statistics with the same code on the phantom and on the real scan
-LIDC-IDRI-0314 (``/work/shared/data/realct``):
+LIDC-IDRI-0314 (``../shared/data/realct`` beside the repository):
 
 - lung parenchyma median: voxels below -400 HU, minus the air connected to the in-plane border,
   the two largest components, eroded by 3 mm (drops the airways' walls and the pleura);
@@ -43,7 +43,8 @@ from AirwaySegmentationLib.phantom import Phantom, generate_phantom
 from AirwaySegmentationLib.tree import parse_airway_tree
 from AirwaySegmentationLib.volume import read_volume
 
-REAL_CT = Path("/work/shared/data/realct/lidc-idri-0314/ct.nii.gz")
+#: The shared data folder lies beside the repository (../shared), as on the workstations and CI.
+REAL_CT = Path(__file__).resolve().parents[2] / "shared" / "data" / "realct" / "lidc-idri-0314" / "ct.nii.gz"
 LUNG_MEDIAN_TOLERANCE_HU = 30.0
 NOISE_SD_TOLERANCE = 0.30
 
