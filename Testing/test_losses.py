@@ -292,3 +292,10 @@ def test_loss_weights_reject_bad_input():
         gul_distance_weight(np.zeros((4, 4)))
     with pytest.raises(ValueError, match="spacing"):
         centerline_distance_weight(np.zeros((4, 4, 4)), (1.0, 0.0, 1.0))
+
+
+def test_gul_weight_of_an_all_airway_crop_is_finite():
+    # A patch lying inside the trachea has no background: radii are infinite, weights must not be 0/0.
+    full = np.ones((8, 12, 16), dtype=np.uint8)
+    weight = gul_distance_weight(full, (1.0, 1.0, 1.0))
+    assert np.isfinite(weight).all() and np.allclose(weight, 1.0)

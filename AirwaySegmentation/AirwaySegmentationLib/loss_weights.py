@@ -129,9 +129,14 @@ def gul_distance_weight(
         geometry = lumen_geometry(label, spacing_zyx)
     airway = geometry.lumen_radius_mm > 0
     weight = np.zeros(airway.shape, dtype=np.float32)
-    if airway.any():
-        inverse_radius = 1.0 / geometry.lumen_radius_mm[airway]
+    radius = geometry.lumen_radius_mm[airway]
+    if radius.size and np.isfinite(radius).all():
+        inverse_radius = 1.0 / radius
         weight[airway] = inverse_radius / inverse_radius.mean()
+    else:
+        # A crop that is all airway (inside the trachea) has no wall to measure to: every
+        # radius is infinite, so no branch can be favoured; weigh its voxels equally.
+        weight[airway] = 1.0
     return weight
 
 

@@ -338,8 +338,9 @@ class DiceFocalLoss(nn.Module):
     ``c >= 1`` and the focal term with ``p_t`` the probability of the true class.  For a
     binary network this is exactly eq. 7 plus the constant 1 (so a perfect prediction scores
     0; the gradient is unchanged).  ``eps`` is also added to the Dice numerator (as MONAI's
-    ``smooth_nr``) so a class absent from both target and prediction counts as perfect; the
-    paper's binary airway target is never empty.
+    ``smooth_nr``) so a class absent from the target scores 0 only once its predicted mass
+    ``sum p_c`` falls well below ``eps``; until then its Dice term is close to 1 with a small
+    gradient that pushes ``p_c`` down (the paper's binary airway target is never empty).
 
     With ``gamma = 0`` the focal term is the cross-entropy, so ``DiceFocalLoss(gamma=0)`` is
     the Dice + CE loss of DeepTree's per-class term (the multi-class cross-entropy is the sum
