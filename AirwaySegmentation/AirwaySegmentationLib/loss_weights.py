@@ -31,6 +31,8 @@ import numpy as np
 from scipy import ndimage
 from skimage.morphology import skeletonize
 
+from .arrays import as_airway_mask, as_spacing_zyx
+
 
 class LumenGeometry(NamedTuple):
     """Distance of each airway voxel to the centerline and the lumen radius there.
@@ -50,17 +52,6 @@ class LumenGeometry(NamedTuple):
     lumen_radius_mm: np.ndarray
 
 
-def _check_label(label: np.ndarray, spacing_zyx: Sequence[float]) -> np.ndarray:
-    label = np.asarray(label)
-    if label.ndim != 3:
-        raise ValueError(f"label must be a 3D z, y, x array, got {label.ndim} dimensions")
-    if len(spacing_zyx) != 3 or any(s <= 0 for s in spacing_zyx):
-        raise ValueError(
-            f"spacing_zyx must be three positive values in mm, got {tuple(spacing_zyx)}"
-        )
-    return label > 0
-
-
 def lumen_geometry(
     label: np.ndarray, spacing_zyx: Sequence[float] = (1.0, 1.0, 1.0)
 ) -> LumenGeometry:
@@ -77,11 +68,12 @@ def lumen_geometry(
     -------
     LumenGeometry
     """
-    airway = _check_label(label, spacing_zyx)
+    airway = as_airway_mask(label)
+    spacing_zyx = as_spacing_zyx(spacing_zyx)
     zeros = np.zeros(airway.shape, dtype=np.float32)
     if not airway.any():
         return LumenGeometry(zeros, zeros.copy())
-    wall_distance = edt.edt(airway, anisotropy=tuple(float(s) for s in spacing_zyx)).astype(
+    wall_distance = edt.edt(airway, anisotropy=spacing_zyx).astype(
         np.float32
     )
     centerline = skeletonize(airway).astype(bool)
