@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import cc3d
+import fill_voids
 import numpy as np
 
 from .errors import AirwayInputError
@@ -71,3 +73,33 @@ def bounding_box(mask: np.ndarray, pad: int | Sequence[int] = 0) -> Box | None:
             return None
         box.append(slice(int(along[0]), int(along[-1]) + 1))
     return grow_box(box, pad, mask.shape)
+
+
+def largest_component(mask: np.ndarray, connectivity: int = 26) -> np.ndarray:
+    """The largest ``connectivity``-connected component of a bool mask (all False when empty).
+
+    Labels only the bounding box of the mask, so the cost follows the airway, not the scan.
+    """
+    check_connectivity(connectivity)
+    result = np.zeros(mask.shape, dtype=bool)
+    box = bounding_box(mask)
+    if box is None:
+        return result
+    components, count = cc3d.connected_components(mask[box], connectivity=connectivity, return_N=True)
+    sizes = np.bincount(components.ravel(), minlength=count + 1)
+    sizes[0] = 0
+    result[box] = components == int(np.argmax(sizes))
+    return result
+
+
+def fill_holes(mask: np.ndarray) -> np.ndarray:
+    """A bool mask with its enclosed cavities filled in 3-D (background 6-connected to the border stays).
+
+    Works on the mask's bounding box grown by one voxel, so only what the image border closes
+    off counts as enclosed, as on the full image.
+    """
+    result = np.array(mask, dtype=bool)
+    box = bounding_box(result, pad=1)
+    if box is not None:
+        result[box] = fill_voids.fill(result[box])
+    return result

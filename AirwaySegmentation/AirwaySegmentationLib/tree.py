@@ -49,7 +49,6 @@ from dataclasses import dataclass, field
 
 import cc3d
 import edt
-import fill_voids
 import numpy as np
 from scipy import sparse
 from scipy.sparse import csgraph
@@ -57,7 +56,7 @@ from scipy.spatial import cKDTree
 from skimage.morphology import skeletonize
 
 from . import classes
-from .arrays import as_airway_mask, as_spacing_zyx, bounding_box, check_connectivity
+from .arrays import as_airway_mask, as_spacing_zyx, bounding_box, check_connectivity, fill_holes, largest_component
 from .progress import ProgressCallback
 
 #: Skeleton voxels with this many skeleton neighbours or more are junctions (ATM'22).
@@ -436,14 +435,11 @@ def _largest_filled_component(
     The box keeps one background voxel around the component except at the image border, so
     hole filling and distances see the same outside as on the full image.
     """
-    components, count = cc3d.connected_components(mask, connectivity=connectivity, return_N=True)
-    sizes = np.bincount(components.ravel(), minlength=count + 1)
-    sizes[0] = 0
-    component = components == int(np.argmax(sizes))
+    component = largest_component(mask, connectivity)
     # The crop of the whole mask is padded, so the component's padded box fits inside it.
     inner = bounding_box(component, pad=1)
     box = tuple(slice(outer.start + s.start, outer.start + s.stop) for outer, s in zip(box, inner))
-    return fill_voids.fill(component[inner]), box
+    return fill_holes(component[inner]), box
 
 
 def _surface(mask: np.ndarray) -> np.ndarray:
