@@ -49,12 +49,14 @@ def test_default_network_size(name):
 @pytest.mark.parametrize("name", sorted(NETWORKS))
 @pytest.mark.parametrize("shape", [(32, 32, 32), (48, 32, 64)])
 def test_output_shapes(name, shape):
-    out = tiny(name).eval()(torch.randn(2, 2, *shape))
+    net = tiny(name)
+    out = net.eval()(torch.randn(2, 2, *shape))
     assert isinstance(out, SegmentationOutput)
     assert out.main.shape == (2, 4, *shape)
-    if name == "wingsnet":  # group supervision: output 0 (encoder) beside output 1 (decoder)
-        assert len(out.aux) == 1 and out.aux[0].shape == (2, 4, *shape)
-        assert out.features == ()
+    if name == "wingsnet":  # group supervision: output 0 (encoder) beside output 1 (decoder), in training only
+        assert out.aux == () and out.features == ()
+        training = net.train()(torch.randn(2, 2, *shape))
+        assert len(training.aux) == 1 and training.aux[0].shape == (2, 4, *shape)
     else:  # four decoder scales, coarse to fine, for attention distillation
         assert out.aux == ()
         assert [f.shape[2:] for f in out.features] == [
