@@ -104,7 +104,7 @@ class TrainingVolume:
         return self.ct.spacing_zyx
 
 
-def _name_with_ending(path: Path, endings: tuple[str, ...]) -> str | None:
+def name_with_ending(path: Path, endings: tuple[str, ...]) -> str | None:
     """The file name without its ending if it has one of ``endings``, else None."""
     lower = path.name.lower()
     for ending in endings:
@@ -116,7 +116,7 @@ def _name_with_ending(path: Path, endings: tuple[str, ...]) -> str | None:
 def _files_by_name(folder: Path, endings: tuple[str, ...]) -> dict[str, Path]:
     files: dict[str, Path] = {}
     for path in sorted(folder.iterdir()):
-        name = _name_with_ending(path, endings)
+        name = name_with_ending(path, endings)
         if name is None or not path.is_file():
             continue  # README, .DS_Store, dataset.json ...
         if name in files:
