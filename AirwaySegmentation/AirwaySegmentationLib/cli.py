@@ -19,6 +19,7 @@ from pathlib import Path
 from . import __version__
 from .classes import DEFAULT_SEGMENTAL_GENERATION
 from .errors import AirwayInputError
+from .inference_settings import InferenceSettings
 from .progress import Cancelled, TextProgressBar
 
 EXIT_BAD_INPUT = 2
@@ -97,11 +98,34 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_segment(args: argparse.Namespace) -> int:
+    from .segment import segment_files
+
+    settings = InferenceSettings(
+        overlap=args.overlap,
+        max_window_zyx=None if args.max_window == 0 else (args.max_window,) * 3,
+        blending=args.blending,
+        device=args.device,
+        precision=args.precision,
+        batch_size=args.batch_size,
+        mirror=args.mirror,
+        threads=args.threads,
+    )
+    summary = segment_files(
+        args.input, args.out, args.model, settings, shard=args.shard, keep_probability=args.probability,
+        keep_largest_component=not args.all_components, connectivity=args.connectivity, progress=TextProgressBar(),
+    )
+    print(f"{summary.describe()} -> {args.out}")
+    for name, message in summary.failed:
+        print(f"  failed: {name}: {message}", file=sys.stderr)
+    return summary.exit_code
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``airway`` command (exposed for documentation and tests)."""
     parser = argparse.ArgumentParser(
         prog="airway",
-        description="Airway tree segmentation in chest CT: phantoms, tree labels, evaluation, training.",
+        description="Airway tree segmentation in chest CT: phantoms, tree labels, evaluation, training, segmentation.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -174,6 +198,49 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(
         run=_cmd_train,
         interrupted="the last finished epoch is saved in --out; run the same command again to resume",
+    )
+    segment = commands.add_parser(
+        "segment",
+        help="stage 1: three-class airway labels of one CT, a folder of CTs or a list",
+        description="Segment the airway tree of chest CTs with a bundled (or given) stage-1 network: crop to the "
+        "lungs, sliding-window inference (bfloat16 + channels-last on CPUs that support it, CUDA when present), "
+        "largest component and hole filling. Writes labels.nii.gz (0 background, 1 trachea + main bronchi, "
+        "2 lobar to segmental, 3 smaller), airway.nii.gz (binary), optionally airway_probability.nii.gz, and "
+        "manifest.json, in the CT's geometry. One CT writes into --out; a folder or list writes --out/NAME/. "
+        "A re-run skips finished cases. Python: AirwaySegmentationLib.segment.segment_ct / segment_files.",
+    )
+    segment.add_argument(
+        "--in", dest="input", required=True, type=Path,
+        help="CT file (.nii.gz, .nrrd, .mha), DICOM folder, folder of CTs, or list file (.txt/.csv, one path a line)",
+    )
+    segment.add_argument("--out", required=True, type=Path, help="output folder")
+    segment.add_argument("--model", default=None, help="bundled model name or .safetensors path (default: the default model)")
+    segment.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
+    defaults = InferenceSettings()
+    segment.add_argument(
+        "--overlap", type=float, default=defaults.overlap,
+        help="minimum window overlap as a share of the training patch (default %(default)s; nnU-Net uses 0.5)",
+    )
+    segment.add_argument(
+        "--max-window", type=int, default=defaults.max_window_zyx[0],
+        help="largest window edge in voxels; windows grow from the training patch up to it so fewer cover the "
+        "CT (default %(default)s; 0: training patch only)",
+    )
+    segment.add_argument("--blending", choices=("gaussian", "mean"), default="gaussian")
+    segment.add_argument("--precision", choices=("auto", "float32", "bfloat16", "float16"), default="auto")
+    segment.add_argument("--batch-size", type=int, default=None, help="windows per forward pass (default: 1 on CPU, 4 on CUDA)")
+    segment.add_argument("--mirror", action="store_true", help="test-time mirroring over 3 axes (8x slower)")
+    segment.add_argument("--threads", type=int, default=None, help="CPU threads (default: one per physical core)")
+    segment.add_argument("--probability", action="store_true", help="also write the airway probability (float32 file)")
+    segment.add_argument(
+        "--all-components", action="store_true",
+        help="keep every airway component (for stage 2), not only the largest",
+    )
+    segment.add_argument("--connectivity", type=int, choices=(6, 26), default=26, help="of the largest component")
+    segment.add_argument("--shard", default=None, help="i/n: process only the i-th of n shards (e.g. SLURM array jobs)")
+    segment.set_defaults(
+        run=_cmd_segment,
+        interrupted="finished cases are kept and skipped when the same command runs again",
     )
     return parser
 

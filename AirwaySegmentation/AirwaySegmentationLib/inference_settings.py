@@ -68,6 +68,8 @@ class InferenceSettings:
             raise AirwayInputError(f"Unknown accumulator {self.accumulator!r}; expected one of {', '.join(ACCUMULATORS)}.")
         if self.batch_size is not None and self.batch_size < 1:
             raise AirwayInputError(f"Batch size {self.batch_size} is not usable; expected at least 1.")
+        if self.threads is not None and self.threads < 1:
+            raise AirwayInputError(f"Thread count {self.threads} is not usable; expected at least 1.")
         if self.max_window_zyx is not None:
             object.__setattr__(self, "max_window_zyx", tuple(int(n) for n in self.max_window_zyx))
 
