@@ -468,7 +468,7 @@ class SlidingWindow:
             )
         image = torch.from_numpy(np.asarray(image_czyx, dtype=np.float32))
         boxes = tiling.boxes()
-        weight = torch.from_numpy(importance_map(tiling.window_zyx, self.settings.blending)).to(self.device)
+        weight = torch.from_numpy(importance_map(tiling.window_zyx, self.settings.blending))
         accumulator = _DTYPES[self.settings.accumulator]
         sums: torch.Tensor | None = None
         done = 0
@@ -479,11 +479,14 @@ class SlidingWindow:
                     raise Cancelled("Segmentation cancelled.")
                 batch_boxes = boxes[done : done + self.batch_size]
                 try:
-                    probabilities = self._predict(image, batch_boxes) * weight
+                    probabilities = self._predict(image, batch_boxes)
                 except torch.cuda.OutOfMemoryError:
+                    probabilities = None
+                if probabilities is None:
+                    # Outside the handler: the traceback no longer holds the failed batch's memory.
                     self._shrink_after_out_of_memory(progress, done / len(boxes))
                     continue
-                probabilities = probabilities.to("cpu", accumulator)
+                probabilities = (probabilities * weight.to(probabilities.device)).to("cpu", accumulator)
                 if sums is None:
                     sums = torch.zeros((probabilities.shape[1],) + tiling.shape_zyx, dtype=accumulator)
                 for box, window in zip(batch_boxes, probabilities):
@@ -525,6 +528,7 @@ class SlidingWindow:
         self.device = torch.device("cpu")
         self.dtype = resolve_precision(self.settings.precision if self.settings.precision != "float16" else "auto", self.device)
         self.model = self.model.to(self.device)
+        keep_freed_memory()
 
 
 def tiled_network_input(ct_zyx: np.ndarray, spec: InputSpec, tiling: Tiling) -> np.ndarray:
