@@ -435,6 +435,34 @@ def test_catalogue_is_empty_until_a_model_is_trained(tmp_path) -> None:
     assert card["architecture"]["name"] == "wingsnet"
 
 
+def test_bundling_renames_the_weights_keeps_the_card_and_lists_one_default(tmp_path, monkeypatch) -> None:
+    import AirwaySegmentationLib.models as models
+
+    card = {"architecture": {"name": "wingsnet", "kwargs": {"base_width": 2}}, "training": {"command": "airway train x"}}
+    run = tmp_path / "run"
+    export_model(build_network("wingsnet", base_width=2), card, run / "best")
+    shelf = tmp_path / "shelf"
+    models.bundle_model(run / "best.safetensors", "first", "tiny", default=True, models_dir=shelf)
+    weights = models.bundle_model(
+        run / "best.json", "second", "tiny again", default=True, cpu_seconds=12.5,
+        card_additions={"test_metrics": {"td": 91.0}}, models_dir=shelf,
+    )
+    entries = catalogue(shelf)
+    assert [(e["name"], e["default"]) for e in entries] == [("first", False), ("second", True)]
+    assert entries[1]["cpu_seconds"] == 12.5 and default_model_name(shelf) == "second"
+    _, loaded = load_model("second", models_dir=shelf)
+    assert loaded["weights_file"] == weights.name == "second.safetensors"
+    assert loaded["sha256"] == sha256_of_file(weights)
+    assert loaded["training"]["command"] == "airway train x" and loaded["test_metrics"] == {"td": 91.0}
+    models.bundle_model(run / "best", "first", "replaced", models_dir=shelf)  # same name: replaced, not added
+    assert [e["description"] for e in catalogue(shelf)] == ["tiny again", "replaced"]
+
+    monkeypatch.setattr(models, "MAX_BUNDLED_BYTES", 1000)
+    with pytest.raises(AirwayInputError, match="must stay under"):
+        models.bundle_model(run / "best", "big", "too big", models_dir=shelf)
+    assert not (shelf / "big.safetensors").exists() and "big" not in [e["name"] for e in catalogue(shelf)]
+
+
 # ---------------------------------------------------------------- inference
 
 
