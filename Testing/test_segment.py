@@ -32,7 +32,8 @@ from AirwaySegmentationLib.batch import MANIFEST_NAME
 from AirwaySegmentationLib.cli import EXIT_BAD_INPUT, main
 from AirwaySegmentationLib.errors import AirwayInputError
 from AirwaySegmentationLib.inference_settings import InferenceSettings
-from AirwaySegmentationLib.models import export_model
+from AirwaySegmentationLib.data import phantom_seeds
+from AirwaySegmentationLib.models import catalogue, export_model
 from AirwaySegmentationLib.networks import SegmentationOutput, build_network
 from AirwaySegmentationLib.preprocess import DEFAULT_INPUT_SPEC, crop_to_body
 from AirwaySegmentationLib.progress import Cancelled
@@ -524,3 +525,21 @@ def test_an_unusable_threshold_is_refused_before_the_network_runs() -> None:
     with pytest.raises(AirwayInputError, match="threshold"):
         segment_ct(synthetic_ct(), Geometry((1.0, 1.0, 1.0)), model, threshold=1.5)
     assert calls == []
+
+
+@pytest.mark.skipif(not catalogue(), reason="no bundled model in Resources/Models yet")
+def test_bfloat16_fast_path_matches_float32_on_a_phantom() -> None:
+    """Issue 8's check of the CPU fast path with the default bundled model: binary Dice >= 0.995."""
+    from AirwaySegmentationLib.infer import cpu_has_native_bfloat16
+    from AirwaySegmentationLib.phantom import generate_phantom
+
+    if not cpu_has_native_bfloat16():
+        pytest.skip("this CPU has no native bfloat16: the fast path is float32 already")
+    phantom = generate_phantom(seed=phantom_seeds("test", 1)[0], shape_zyx=(96, 128, 128))
+    model = load_segmentation_model()
+    ct = phantom.ct
+    fast = segment_ct(ct.array_zyx, ct.geometry, model, InferenceSettings(precision="bfloat16"))
+    exact = segment_ct(ct.array_zyx, ct.geometry, model, InferenceSettings(precision="float32", accumulator="float32"))
+    a, b = fast.labels.array_zyx > 0, exact.labels.array_zyx > 0
+    assert b.sum() > 1000  # a real airway tree, not an empty prediction
+    assert 2 * np.count_nonzero(a & b) / (a.sum() + b.sum()) >= 0.995
