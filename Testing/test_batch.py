@@ -338,3 +338,37 @@ def test_progress_maps_each_case_onto_its_share_with_its_name(tmp_path, collecti
     run_cases(collection[:2], tmp_path / "out", Recorder(), collection=True, settings={},
               progress=lambda fraction, message: seen.append((fraction, message)))
     assert (0.5, "a (1/2): already finished (manifest.json matches), skipped") in seen
+
+
+def test_a_single_input_raises_its_error_and_leaves_no_empty_folder(tmp_path):
+    cases, is_collection = find_inputs(write_ct(tmp_path / "lung.nii.gz"))
+
+    def refuse(case, case_dir, progress):
+        raise AirwayInputError("lung.nii.gz is not a CT.")
+
+    with pytest.raises(AirwayInputError, match="is not a CT"):
+        run_cases(cases, tmp_path / "out", refuse, collection=is_collection, settings={})
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "kept").mkdir()
+    with pytest.raises(AirwayInputError):
+        run_cases(cases, tmp_path / "kept", refuse, collection=is_collection, settings={})
+    assert (tmp_path / "kept").is_dir()  # a folder the user made is never removed
+
+
+def test_a_failing_case_of_a_collection_leaves_no_empty_folder(tmp_path, collection):
+    def refuse_b(case, case_dir, progress):
+        if case.name == "b":
+            raise AirwayInputError("b is not a CT.")
+        return Recorder()(case, case_dir, progress)
+
+    summary = run_cases(collection, tmp_path / "out", refuse_b, collection=True, settings={})
+    assert summary.failed == [("b", "b is not a CT.")]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a", "c"]
+
+
+def test_csv_first_line_naming_a_missing_ct_is_an_error_not_a_header(tmp_path):
+    write_ct(tmp_path / "b.nii.gz")
+    listing = tmp_path / "cases.csv"
+    listing.write_text("a_typo.nii.gz,1\nb.nii.gz,2\n")
+    with pytest.raises(AirwayInputError, match="Line 1 of .*does not exist"):
+        find_inputs(listing)

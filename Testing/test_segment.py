@@ -46,7 +46,7 @@ from AirwaySegmentationLib.segment import (
     segment_ct,
     segment_file,
     segment_files,
-    write_segmentation,
+    write_result,
 )
 from AirwaySegmentationLib.volume import Geometry, Volume, write_volume
 from scipy import ndimage
@@ -305,7 +305,7 @@ def test_write_into_a_file_is_refused_and_writes_nothing(pointwise_default, tmp_
     blocker = tmp_path / "out"
     blocker.write_text("not a folder")
     with pytest.raises(AirwayInputError, match="is a file"):
-        write_segmentation(result, blocker)
+        write_result(result, blocker)
     assert [p.name for p in tmp_path.iterdir()] == ["out"] and blocker.read_text() == "not a folder"
 
 
@@ -314,7 +314,7 @@ def test_write_is_all_or_none(pointwise_default, tmp_path) -> None:
     out = tmp_path / "out"
     (out / AIRWAY_FILE).mkdir(parents=True)  # the second output cannot be written
     with pytest.raises(AirwayInputError):
-        write_segmentation(result, out)
+        write_result(result, out)
     assert [p.name for p in out.iterdir()] == [AIRWAY_FILE]  # no labels, no temporary files
 
 
@@ -331,7 +331,7 @@ def test_write_failing_midway_keeps_no_file(pointwise_default, tmp_path, monkeyp
 
     monkeypatch.setattr(sitk, "WriteImage", failing_second_write)
     with pytest.raises(RuntimeError, match="disk full"):
-        write_segmentation(result, tmp_path / "out")
+        write_result(result, tmp_path / "out")
     assert len(calls) == 2
     assert list((tmp_path / "out").iterdir()) == []
 
@@ -358,6 +358,8 @@ def test_cli_single_file_writes_a_manifest_skips_when_finished_and_redoes_on_new
     assert main(command) == 0
     assert "0 done, 1 skipped" in capsys.readouterr().out
     assert _mtimes(out) == before
+    assert main(command + ["--threads", "1", "--batch-size", "2"]) == 0  # speed settings change no output
+    assert "0 done, 1 skipped" in capsys.readouterr().out
 
     assert main(command + ["--overlap", "0.5"]) == 0
     assert "1 done, 0 skipped" in capsys.readouterr().out
@@ -432,6 +434,17 @@ def test_cli_a_non_ct_case_fails_and_the_other_is_done(ct_file, tiny_model, tmp_
     assert "failed: photo:" in captured.err and "air" in captured.err
     assert (out / "good" / MANIFEST_NAME).is_file() and (out / "good" / LABELS_FILE).is_file()
     assert not (out / "photo" / MANIFEST_NAME).exists() and not (out / "photo" / LABELS_FILE).exists()
+
+
+def test_cli_a_single_non_ct_input_is_bad_input(tiny_model, tmp_path, capsys) -> None:
+    """One CT given and it is not a CT: exit 2 with one sentence, and no output folder left."""
+    grey = np.tile(np.arange(256, dtype=np.uint8)[:32], (8, 16, 1)).reshape(8, 16, 32)
+    sitk.WriteImage(sitk.GetImageFromArray(grey), str(tmp_path / "photo.nii.gz"))
+    out = tmp_path / "out"
+    code = main(["segment", "--in", str(tmp_path / "photo.nii.gz"), "--out", str(out), "--model", str(tiny_model)])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == EXIT_BAD_INPUT and lines[-1].startswith("airway segment: error:") and "air" in lines[-1]
+    assert not out.exists()
 
 
 # --- loading models --------------------------------------------------------------------------

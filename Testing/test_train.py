@@ -20,7 +20,6 @@ from AirwaySegmentationLib.errors import AirwayInputError
 from AirwaySegmentationLib.infer import (
     cpu_has_native_bfloat16,
     predict_volume,
-    probabilities_to_classes,
     resolve_precision,
 )
 from AirwaySegmentationLib.models import (
@@ -472,10 +471,15 @@ def test_predict_volume_keeps_the_shape_of_any_volume(blending: str) -> None:
     net = build_network("wingsnet", base_width=2)
     for shape in [(37, 41, 29), (10, 20, 12)]:  # not divisible by the patch; smaller than the patch
         hu = np.random.default_rng(0).normal(-500, 300, shape).astype(np.float32)
-        probabilities = predict_volume(net, hu, patch_size_zyx=(16, 16, 16), overlap_zyx=(4, 4, 4), blending=blending)
+        sums = predict_volume(net, hu, patch_size_zyx=(16, 16, 16), overlap_zyx=(4, 4, 4), blending=blending)
+        probabilities = sums.probabilities()
         assert probabilities.shape == (4, *shape)
         np.testing.assert_allclose(probabilities.sum(axis=0), 1.0, atol=1e-5)
-        assert probabilities_to_classes(probabilities).shape == shape
+        labels = sums.labels()
+        assert labels.shape == shape and labels.dtype == np.uint8
+        airway = 1.0 - probabilities[0] >= 0.5
+        np.testing.assert_array_equal(labels > 0, airway)
+        np.testing.assert_array_equal(labels[airway], np.argmax(probabilities[1:], axis=0)[airway] + 1)
 
 
 def test_predict_volume_is_the_network_output_on_a_single_window() -> None:
@@ -486,4 +490,4 @@ def test_predict_volume_is_the_network_output_on_a_single_window() -> None:
 
     with torch.no_grad():
         direct = torch.softmax(net(torch.from_numpy(network_input(hu))[None]).main, dim=1)[0].numpy()
-    np.testing.assert_allclose(predict_volume(net, hu, patch_size_zyx=(16, 16, 16), overlap_zyx=(0, 0, 0)), direct, atol=1e-6)
+    np.testing.assert_allclose(predict_volume(net, hu, patch_size_zyx=(16, 16, 16), overlap_zyx=(0, 0, 0)).probabilities(), direct, atol=1e-6)

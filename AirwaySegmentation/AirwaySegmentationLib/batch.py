@@ -182,7 +182,9 @@ def _list_cases(list_path: Path) -> list[Case]:
         if is_csv:
             text = next(csv.reader([text]), [""])[0].strip()
         path = list_path.parent / Path(text).expanduser()
-        header = is_csv and first_entry and not path.exists()
+        # A header names a column ("path", "ct"); a missing file named like one is an error.
+        looks_like_a_path = name_with_ending(path, IMAGE_SUFFIXES) is not None or "/" in text or "\\" in text
+        header = is_csv and first_entry and not path.exists() and not looks_like_a_path
         first_entry = False
         if header:
             continue
@@ -361,9 +363,14 @@ def _run_case(
 ) -> None:
     """Process one case and write its manifest last."""
     start = time.perf_counter()
+    created = not case_dir.exists()
     case_dir.mkdir(parents=True, exist_ok=True)
     (case_dir / MANIFEST_NAME).unlink(missing_ok=True)
-    result = dict(process(case, case_dir, progress))
+    try:
+        result = dict(process(case, case_dir, progress))
+    except BaseException:
+        _remove_if_empty(case_dir, created)
+        raise
     outputs = result.pop("outputs", None)
     if not isinstance(outputs, list) or not all(isinstance(name, str) for name in outputs):
         raise TypeError(f"the case's work returned outputs {outputs!r}; expected a list of file names")
@@ -384,6 +391,12 @@ def _run_case(
     )
 
 
+def _remove_if_empty(folder: Path, created: bool) -> None:
+    """Remove a folder this run created when a failure left nothing in it."""
+    if created and folder.is_dir() and not any(folder.iterdir()):
+        folder.rmdir()
+
+
 def run_cases(
     cases: list[Case],
     out_dir: str | os.PathLike,
@@ -394,7 +407,7 @@ def run_cases(
     progress: ProgressCallback | None = None,
     skip_finished: bool = True,
 ) -> BatchSummary:
-    """Run ``process`` on each case, skipping finished ones and going on past failures.
+    """Run ``process`` on each case, skipping finished ones and going on past failures (in a collection).
 
     Parameters
     ----------
@@ -429,11 +442,15 @@ def run_cases(
         From ``progress`` or ``process``; also ``KeyboardInterrupt``.  The case under way
         keeps no manifest, so the next run redoes it.
     AirwayInputError
-        ``out_dir`` cannot be created.  Errors of single cases are not raised but reported
-        in the summary.
+        ``out_dir`` cannot be created.
+    Exception
+        When ``collection`` is False, the error of the one case, as it was raised (a bad
+        input stays a bad input).  In a collection, errors of single cases are not raised
+        but reported in the summary.
     """
     start = time.perf_counter()
     out_dir = Path(out_dir)
+    created = not out_dir.exists()
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -456,6 +473,9 @@ def run_cases(
         except Cancelled:
             raise
         except Exception as error:  # noqa: BLE001 -- one bad case must not stop the batch
+            if not collection:
+                _remove_if_empty(out_dir, created)
+                raise
             message = _one_line(error)
             summary.failed.append((case.name, message))
             report(case_progress, 1.0, f"failed: {message}")

@@ -33,8 +33,8 @@ Examples
 >>> from AirwaySegmentationLib.networks import build_network
 >>> net = build_network("wingsnet", base_width=2)
 >>> hu = np.full((20, 40, 36), -1000.0, dtype=np.float32)
->>> probabilities = predict_volume(net, hu, patch_size_zyx=(16, 16, 16), overlap_zyx=(4, 4, 4))
->>> probabilities.shape, probabilities_to_classes(probabilities).shape
+>>> sums = predict_volume(net, hu, patch_size_zyx=(16, 16, 16), overlap_zyx=(4, 4, 4))
+>>> sums.probabilities().shape, sums.labels().shape
 ((4, 20, 40, 36), (20, 40, 36))
 """
 
@@ -352,6 +352,13 @@ def weight_sum_profiles(tiling: Tiling, blending: str) -> tuple[np.ndarray, np.n
 # --- the engine ---------------------------------------------------------------------------
 
 
+def check_threshold(threshold: float) -> float:
+    """Return ``threshold`` if it is a probability in (0, 1), else raise :class:`AirwayInputError`."""
+    if not 0.0 < threshold < 1.0:
+        raise AirwayInputError(f"The airway threshold {threshold} is not usable; expected a probability in (0, 1).")
+    return threshold
+
+
 @dataclass
 class WindowSums:
     """What the engine accumulated: per-class weighted probability sums over a tiling.
@@ -381,8 +388,7 @@ class WindowSums:
 
         Computed in z-slabs of ``slab`` slices, so the float32 temporaries stay small.
         """
-        if not 0.0 < threshold < 1.0:
-            raise AirwayInputError(f"The airway threshold {threshold} is not usable; expected a probability in (0, 1).")
+        check_threshold(threshold)
         shape = tuple(self.sums.shape[1:])
         airway = np.empty(shape, dtype=bool)
         airway_class = np.empty(shape, dtype=np.uint8)
@@ -391,6 +397,11 @@ class WindowSums:
             airway[z : z + slab] = (part[0] <= (1.0 - threshold) * part.sum(0)).numpy()
             airway_class[z : z + slab] = (part[1:].argmax(0) + 1).to(torch.uint8).numpy()
         return airway, airway_class
+
+    def labels(self, threshold: float = AIRWAY_THRESHOLD) -> np.ndarray:
+        """uint8 class labels (0 background, 1.. airway classes) without post-processing."""
+        airway, airway_class = self.classes(threshold)
+        return np.where(airway, airway_class, 0).astype(np.uint8)
 
     def _weight_slabs(self, slab: int) -> Iterator[tuple[slice, torch.Tensor]]:
         """``(z slice, float64 total weight of its voxels)`` for consecutive z-slabs."""
@@ -480,13 +491,13 @@ class SlidingWindow:
                 batch_boxes = boxes[done : done + self.batch_size]
                 try:
                     probabilities = self._predict(image, batch_boxes)
+                    probabilities = probabilities.mul_(weight.to(self.device)).to(accumulator).cpu()
                 except torch.cuda.OutOfMemoryError:
                     probabilities = None
                 if probabilities is None:
                     # Outside the handler: the traceback no longer holds the failed batch's memory.
                     self._shrink_after_out_of_memory(progress, done / len(boxes))
                     continue
-                probabilities = (probabilities * weight.to(probabilities.device)).to("cpu", accumulator)
                 if sums is None:
                     sums = torch.zeros((probabilities.shape[1],) + tiling.shape_zyx, dtype=accumulator)
                 for box, window in zip(batch_boxes, probabilities):
@@ -513,21 +524,19 @@ class SlidingWindow:
         return total / len(flips)
 
     def _shrink_after_out_of_memory(self, progress: ProgressCallback | None, fraction: float) -> None:
-        """Halve the batch after a CUDA out-of-memory error; at batch 1 move to the CPU."""
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
+        """Halve the batch after a CUDA out-of-memory error; at batch 1 continue on the CPU."""
         if self.batch_size > 1:
             self.batch_size //= 2
+            torch.cuda.empty_cache()
             report(progress, fraction, f"Out of GPU memory: retrying with {self.batch_size} window(s) per batch")
             return
-        if self.device.type != "cuda":
-            raise AirwayInputError("Out of memory even with one window per batch; give a smaller --max-window.")
         message = "Out of GPU memory with one window per batch; continuing on the CPU (slower)."
         warnings.warn(message, RuntimeWarning, stacklevel=3)
         report(progress, fraction, message)
         self.device = torch.device("cpu")
         self.dtype = resolve_precision(self.settings.precision if self.settings.precision != "float16" else "auto", self.device)
         self.model = self.model.to(self.device)
+        torch.cuda.empty_cache()  # after the move: the cache held the model's GPU copy too
         keep_freed_memory()
 
 
@@ -539,7 +548,9 @@ def tiled_network_input(ct_zyx: np.ndarray, spec: InputSpec, tiling: Tiling) -> 
     if ct.shape != tiling.volume_zyx:
         raise AirwayInputError(f"The CT has shape {ct.shape} but the tiling was planned for {tiling.volume_zyx}.")
     if ct.shape != tiling.shape_zyx:
-        padded = np.full(tiling.shape_zyx, PAD_HU, dtype=np.float32)
+        # Padded in the CT's own type (int16 for most scans): half the memory of float32.
+        dtype = ct.dtype if np.can_cast(np.min_scalar_type(PAD_HU), ct.dtype) else np.float32
+        padded = np.full(tiling.shape_zyx, PAD_HU, dtype=dtype)
         padded[tuple(slice(0, n) for n in ct.shape)] = ct
         ct = padded
     return network_input(ct, spec)
@@ -558,8 +569,8 @@ def predict_volume(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     channels_last: bool = False,
-) -> np.ndarray:
-    """Class probabilities of a whole CT with training-size windows (training's validation and mining).
+) -> WindowSums:
+    """Sliding-window prediction of a whole CT with training-size windows (training's validation and mining).
 
     The engine (:class:`SlidingWindow`) with fixed windows of ``patch_size_zyx``, float32
     sums and the caller's torch threads.
@@ -587,9 +598,9 @@ def predict_volume(
 
     Returns
     -------
-    numpy.ndarray
-        float32 ``(K, Z, Y, X)`` probabilities summing to 1 over ``K`` (``K = max(C, 2)``
-        classes, background first).
+    WindowSums
+        Its :meth:`~WindowSums.labels` are the classes, :meth:`~WindowSums.probabilities` the
+        float32 ``(K, Z, Y, X)`` probabilities (``K = max(C, 2)`` classes, background first).
     """
     tiling = plan_tiling(np.shape(ct_zyx), patch_size_zyx, overlap_zyx)
     settings = InferenceSettings(
@@ -597,21 +608,4 @@ def predict_volume(
         accumulator="float32", channels_last=channels_last, threads=torch.get_num_threads(),
     )
     engine = SlidingWindow(model, settings)
-    return engine.run(tiled_network_input(ct_zyx, spec, tiling), tiling).probabilities()
-
-
-def probabilities_to_classes(probabilities: np.ndarray, threshold: float = AIRWAY_THRESHOLD) -> np.ndarray:
-    """Class labels from ``(K, Z, Y, X)`` probabilities: airway union thresholded, then argmax.
-
-    A voxel is airway when ``1 - p_background >= threshold`` (METHODS section 5); an airway
-    voxel takes the most likely of the airway classes, so the union is never split by a
-    background-vs-class argmax.
-
-    Returns
-    -------
-    numpy.ndarray
-        uint8 (Z, Y, X): 0 background, 1.. airway classes.
-    """
-    airway = (1.0 - probabilities[0]) >= threshold
-    classes = np.argmax(probabilities[1:], axis=0).astype(np.uint8) + 1
-    return np.where(airway, classes, 0).astype(np.uint8)
+    return engine.run(tiled_network_input(ct_zyx, spec, tiling), tiling)

@@ -134,8 +134,11 @@ class InputSpec:
 DEFAULT_INPUT_SPEC = InputSpec()
 
 
-def _normalised(hu: np.ndarray, low: float, high: float) -> np.ndarray:
-    return ((np.clip(hu, low, high) - low) / (high - low)).astype(np.float32, copy=False)
+def _normalise_into(channel: np.ndarray, hu: np.ndarray, low: float, high: float) -> None:
+    """``channel[...] = (clip(hu, low, high) - low) / (high - low)``, without full-size temporaries."""
+    np.clip(hu, low, high, out=channel, casting="unsafe")
+    channel -= low
+    channel *= 1.0 / (high - low)
 
 
 def network_input(hu_zyx: np.ndarray, spec: InputSpec = DEFAULT_INPUT_SPEC) -> np.ndarray:
@@ -154,13 +157,17 @@ def network_input(hu_zyx: np.ndarray, spec: InputSpec = DEFAULT_INPUT_SPEC) -> n
         float32, shape (``spec.n_channels``, Z, Y, X), values in [0, 1]: channel 0 the HU
         clipped to ``spec.hu_clip`` and normalised, then one channel per window.
     """
-    hu = np.asarray(hu_zyx, dtype=np.float32)
+    hu = np.asarray(hu_zyx)
     if hu.ndim != 3:
         raise AirwayInputError(f"Expected a 3-D CT but got an array with {hu.ndim} dimensions; give one 3-D volume.")
+    if hu.dtype.kind not in "iuf":
+        hu = hu.astype(np.float32)
+    # Written channel by channel from the CT's own type (int16 for most scans): no float32
+    # copy of the whole CT, which for a 512 x 512 x 600 scan would be 630 MB.
     channels = np.empty((spec.n_channels,) + hu.shape, dtype=np.float32)
-    channels[0] = _normalised(hu, *spec.hu_clip)
+    _normalise_into(channels[0], hu, *spec.hu_clip)
     for channel, (width, level) in enumerate(spec.windows, start=1):
-        channels[channel] = _normalised(hu, level - width / 2.0, level + width / 2.0)  # Tang 2.1
+        _normalise_into(channels[channel], hu, level - width / 2.0, level + width / 2.0)  # Tang 2.1
     return channels
 
 

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 from torch import nn
 
+from . import __version__
 from .arrays import Box, check_connectivity, fill_holes, largest_component
 from .batch import BatchSummary, Case, find_inputs, parse_shard, run_cases, select_shard
 from .errors import AirwayInputError
@@ -39,6 +40,7 @@ from .infer import (
     AIRWAY_THRESHOLD,
     CancelToken,
     SlidingWindow,
+    check_threshold,
     plan_tiling,
     resolve_device,
     resolve_precision,
@@ -196,8 +198,7 @@ def segment_ct(
     SegmentationResult
     """
     check_connectivity(connectivity)
-    if not 0.0 < threshold < 1.0:
-        raise AirwayInputError(f"The airway threshold {threshold} is not usable; expected a probability in (0, 1).")
+    check_threshold(threshold)
     ct = check_ct(Volume(np.asarray(ct_zyx), geometry))
     loaded = model if isinstance(model, SegmentationModel) else load_segmentation_model(model)
     check_settings(loaded, settings)
@@ -247,6 +248,7 @@ def segment_ct(
         "crop_box_zyx": [[s.start, s.stop] for s in box],
         "windows": len(tiling),
         "window_zyx": list(tiling.window_zyx),
+        "window_overlap_zyx": list(tiling.overlaps_zyx()),
         "network_voxels": len(tiling) * int(np.prod(tiling.window_zyx)),
         "airway_voxels": int(np.count_nonzero(labels)),
         "class_voxels": {str(c): int(np.count_nonzero(labels == c)) for c in range(1, int(sums.sums.shape[0]))},
@@ -260,7 +262,7 @@ def segment_ct(
     )
 
 
-def write_segmentation(result: SegmentationResult, out_dir: str | os.PathLike) -> list[str]:
+def write_result(result: SegmentationResult, out_dir: str | os.PathLike) -> list[str]:
     """Write labels, binary airway and (if present) the probability into ``out_dir``, all or none.
 
     A probability file left by an earlier run with other settings is removed when this result
@@ -321,7 +323,7 @@ def segment_file(
     )
     start = time.perf_counter()
     report(progress, 0.97, f"Writing to {out_dir}")
-    outputs = write_segmentation(result, out_dir)
+    outputs = write_result(result, out_dir)
     timings = {"read": read_seconds, **result.timings_s, "write": time.perf_counter() - start}
     report(progress, 1.0, "Done")
     return {
@@ -383,9 +385,16 @@ def segment_files(
     loaded = load_segmentation_model(model)
     check_settings(loaded, settings)
     weights, _ = model_paths(_model_file(loaded))
+    # Everything that decides the outputs: the weights and their card, the engine settings
+    # that change results (not threads or batch size), the post-processing, this version.
+    inference = settings.as_dict()
+    for speed_only in ("threads", "batch_size"):
+        inference.pop(speed_only)
     run_settings = {
+        "version": __version__,
         "model_sha256": sha256_of_file(weights),
-        "inference": settings.as_dict(),
+        "model_input": {"input_spec": loaded.card["input_spec"], "patch_size_zyx": loaded.card["patch_size_zyx"]},
+        "inference": inference,
         "keep_probability": keep_probability,
         "keep_largest_component": keep_largest_component,
         "connectivity": connectivity,

@@ -76,7 +76,7 @@ from .data import (
     phantom_training_volume,
 )
 from .errors import AirwayInputError
-from .infer import autocast, predict_volume, probabilities_to_classes, resolve_precision
+from .infer import autocast, predict_volume, resolve_precision
 from .losses import (
     AttentionDistillationLoss,
     DeepTreeLoss,
@@ -304,7 +304,7 @@ class _Validator:
         """Mean TD, BD, DSC, precision and ATM'22 score (percent) over the validation volumes."""
         scores = []
         for volume, tree in zip(self.volumes, self.trees):
-            classes = probabilities_to_classes(_predict(model, volume, config, spec, runtime))
+            classes = _predict(model, volume, config, spec, runtime)
             metrics = evaluate_airway(
                 classes > 0, volume.labels3 > 0, volume.spacing_zyx, "atm22",
                 gt_classes_zyx=volume.labels3, gt_tree=tree, pred_classes_zyx=classes,
@@ -314,12 +314,13 @@ class _Validator:
 
 
 def _predict(model: nn.Module, volume: TrainingVolume, config: TrainConfig, spec: InputSpec, runtime: Runtime) -> np.ndarray:
-    probabilities = predict_volume(
+    """The class labels the model gives a whole volume (then back to training mode)."""
+    labels = predict_volume(
         model, volume.ct.array_zyx, spec, config.sampling.patch_size_zyx, config.validation.overlap_zyx,
         config.validation.blending, runtime.device, runtime.dtype, config.runtime.channels_last,
-    )
+    ).labels()
     model.train()
-    return probabilities
+    return labels
 
 
 def _miss_masks(
@@ -333,7 +334,7 @@ def _miss_masks(
     mine = {}
     for index in range(runtime.rank, len(volumes), runtime.world_size):
         volume = volumes[index]
-        missed = (volume.labels3 > 0) & (probabilities_to_classes(_predict(model, volume, config, spec, runtime)) == 0)
+        missed = (volume.labels3 > 0) & (_predict(model, volume, config, spec, runtime) == 0)
         mine[index] = np.packbits(missed)
     if runtime.distributed:
         gathered: list[dict] = [{} for _ in range(runtime.world_size)]
