@@ -273,7 +273,7 @@ def parse_airway_tree(
         # (scikit-image issue #3757); keep the most central voxel so the mask is one branch.
         skeleton.flat[np.argmax(distance_mm)] = True
     tree.skeleton_zyx[box] = skeleton
-    graph = _SkeletonGraph.of(skeleton, spacing)
+    graph = SkeletonGraph.of(skeleton, spacing)
 
     report(0.4, "Splitting the skeleton into branches")
     piece_of_node = _skeleton_pieces(graph)
@@ -300,7 +300,7 @@ def parse_airway_tree(
     tree.branch_labels_zyx[box] = branch_labels
 
     report(0.7, "Measuring centrelines and lumen diameters")
-    radius_mm = _ridge_radius_mm(distance_mm, graph.points) - lumen_radius_bias_mm(spacing)
+    radius_mm = ridge_radius_mm(distance_mm, graph.points) - lumen_radius_bias_mm(spacing)
     branch_of_node = branch_labels[tuple(graph.points.T)] - 1
     offset = np.array([s.start for s in box])
     children: list[list[int]] = [[] for _ in parents]
@@ -457,7 +457,7 @@ def _surface(mask: np.ndarray) -> np.ndarray:
 
 
 @dataclass
-class _SkeletonGraph:
+class SkeletonGraph:
     """Skeleton voxels as nodes (raster order) and their 26-neighbour pairs as edges."""
 
     points: np.ndarray  # (M, 3) int voxel indices in the crop
@@ -467,7 +467,7 @@ class _SkeletonGraph:
     step_mm: np.ndarray  # (E,) distance between the two voxel centres
 
     @classmethod
-    def of(cls, skeleton: np.ndarray, spacing: tuple[float, float, float]) -> "_SkeletonGraph":
+    def of(cls, skeleton: np.ndarray, spacing: tuple[float, float, float]) -> "SkeletonGraph":
         points = np.argwhere(skeleton)
         # Flat indices in a grid padded by one voxel: neighbours never wrap around a face.
         padded_shape = np.asarray(skeleton.shape) + 2
@@ -493,7 +493,7 @@ class _SkeletonGraph:
         return (matrix + matrix.T).tocsr()
 
 
-def _skeleton_pieces(graph: _SkeletonGraph) -> np.ndarray:
+def _skeleton_pieces(graph: SkeletonGraph) -> np.ndarray:
     """Piece index of every skeleton node (-1 for junctions and dropped spurs), pieces in raster order.
 
     ATM'22: a voxel with >= 3 skeleton neighbours is a junction; the rest split into
@@ -518,7 +518,7 @@ def _skeleton_pieces(graph: _SkeletonGraph) -> np.ndarray:
 
 
 def _nearest_piece(
-    points: np.ndarray, graph: _SkeletonGraph, piece_of_node: np.ndarray, spacing: tuple[float, float, float]
+    points: np.ndarray, graph: SkeletonGraph, piece_of_node: np.ndarray, spacing: tuple[float, float, float]
 ) -> np.ndarray:
     """Piece index of the skeleton piece nearest (in mm) to each of ``points`` (N, 3)."""
     kept = np.flatnonzero(piece_of_node >= 0)
@@ -667,7 +667,7 @@ def _breadth_first_ids(
 
 
 def _measure_branches(
-    graph: _SkeletonGraph,
+    graph: SkeletonGraph,
     branch_of_node: np.ndarray,
     parents: list[int | None],
     children: list[list[int]],
@@ -702,12 +702,12 @@ def _measure_branches(
             path.append(int(predecessor[path[-1]]))
         path = np.array(path[::-1])
         length_mm = link_mm + _polyline_length_mm(graph.points_mm[nodes[path]])
-        diameter_mm = _median_diameter_mm(radius_mm[nodes[path]], link_mm + along[path], length_mm)
+        diameter_mm = median_diameter_mm(radius_mm[nodes[path]], link_mm + along[path], length_mm)
         results.append((nodes[np.argsort(along, kind="stable")], nodes[path], length_mm, diameter_mm))
     return results
 
 
-def _ridge_radius_mm(distance_mm: np.ndarray, points: np.ndarray) -> np.ndarray:
+def ridge_radius_mm(distance_mm: np.ndarray, points: np.ndarray) -> np.ndarray:
     """Lumen radius at skeleton voxels (N, 3): the largest wall distance in each one's 26-neighbourhood.
 
     A thinned voxel path sits up to about a voxel off the true axis, and the distance to the
@@ -752,7 +752,7 @@ def _polyline_length_mm(points_mm: np.ndarray) -> float:
     return float(np.linalg.norm(np.diff(points_mm[keep], axis=0), axis=1).sum())
 
 
-def _median_diameter_mm(radius_mm: np.ndarray, position_mm: np.ndarray, length_mm: float) -> float:
+def median_diameter_mm(radius_mm: np.ndarray, position_mm: np.ndarray, length_mm: float) -> float:
     """2 x the median radius on the centreline, leaving out one radius at each end (METHODS.md section 1).
 
     The ends are where the lumen widens into a bifurcation or rounds off at a tip.  A branch
