@@ -281,3 +281,25 @@ def test_smoothing_keeps_the_ends_of_short_paths():
         smoothed = centerline._smooth_keeping_ends(points)
         np.testing.assert_array_equal(smoothed[[0, -1]], points[[0, -1]])
         assert np.abs(smoothed[1:-1, 1] - 0.5).max() < 0.5  # the zig-zag is flattened
+
+
+def test_cli_centerline_then_route(y_tree, tmp_path, capsys):
+    from AirwaySegmentationLib.cli import EXIT_BAD_INPUT, main
+    from AirwaySegmentationLib.volume import Volume, write_volume
+
+    tree, segments, mask = y_tree
+    write_volume(Volume(mask.astype(np.uint8), FEET_FIRST), tmp_path / "airway.nii.gz")
+    assert main(["centerline", "--labels", str(tmp_path / "airway.nii.gz"), "--out", str(tmp_path / "cl")]) == 0
+    assert f"{len(tree.branches)} branches over 3 generations" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "cl").iterdir()) == sorted(centerline.CENTERLINE_FILES)
+    written = read_centerlines(tmp_path / "cl" / "branches.json")
+    assert [b.name for b in written.branches] == [b.name for b in tree.branches]
+
+    leaf = tree.branches[-1]
+    target = " ".join(str(v) for v in leaf.points_xyz[-1])
+    for source in ("branches.json", "centerlines.vtp"):
+        code = main(["route", "--centerlines", str(tmp_path / "cl" / source), "--target", *target.split(), "--out", str(tmp_path / "r")])
+        assert code == 0
+        assert capsys.readouterr().out.startswith(" > ".join(route(tree, leaf.points_xyz[-1]).names) + ":")
+    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == sorted(centerline.ROUTE_FILES)
+    assert main(["route", "--centerlines", str(tmp_path / "none.json"), "--target", "0", "0", "0", "--out", str(tmp_path / "r")]) == EXIT_BAD_INPUT

@@ -69,7 +69,7 @@ from AirwaySegmentationLib.tree import (
     parse_airway_tree,
     ridge_radius_mm,
 )
-from AirwaySegmentationLib.volume import Geometry, atomic_output, atomic_outputs
+from AirwaySegmentationLib.volume import Geometry, atomic_output, atomic_outputs, read_label
 from scipy.ndimage import gaussian_filter1d
 from scipy.sparse import csgraph
 from scipy.spatial import cKDTree
@@ -848,3 +848,62 @@ def _checked(branches: list[CenterlineBranch]) -> CenterlineTree:
         if len(branch.points_xyz) == 0 or len(branch.points_xyz) != len(branch.radius_mm):
             raise ValueError(f"branch {index} has no points or a radius count that differs from its points")
     return CenterlineTree(branches)
+
+
+# --- file-level jobs (airway centerline, airway route) --------------------------------------
+
+#: What :func:`centerline_file` writes into its output folder.
+CENTERLINE_FILES = ("centerlines.vtp", "centerlines.mrk.json", "branches.csv", "branches.json")
+#: What :func:`route_file` writes into its output folder.
+ROUTE_FILES = ("route.mrk.json", "route.vtp")
+
+
+def centerline_file(
+    mask_path: str | os.PathLike, out_dir: str | os.PathLike, progress: ProgressCallback | None = None
+) -> tuple[CenterlineTree, list[Path]]:
+    """``airway centerline``: centerlines of an airway mask file, in every export format.
+
+    A three-class label file (values 0-3 with 2 or 3 present, or a ``.seg.nrrd``) gives each
+    branch its class; any other mask is binary and the classes come from the tree's
+    generations.  Writes :data:`CENTERLINE_FILES` into ``out_dir``.
+
+    Returns
+    -------
+    tree : CenterlineTree
+    paths : list of pathlib.Path
+        The written files.
+    """
+    mask = read_label(mask_path)
+    class_map = classes.as_class_map(mask.array_zyx)
+    tree = extract_centerlines(mask.array_zyx != 0, mask.geometry, labels_zyx=class_map, progress=sub_progress(progress, 0.0, 0.9))
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report(progress, 0.9, f"Writing {len(tree.branches)} branches to {out_dir}")
+    paths = [write_vtp(tree, out_dir / CENTERLINE_FILES[0]), write_markups(tree, out_dir / CENTERLINE_FILES[1])]
+    paths += write_branch_table(tree, out_dir / CENTERLINE_FILES[2], out_dir / CENTERLINE_FILES[3])
+    report(progress, 1.0, "Centerlines written")
+    return tree, paths
+
+
+def route_file(
+    centerlines_path: str | os.PathLike, target_xyz: Sequence[float], out_dir: str | os.PathLike
+) -> tuple[Route, list[Path]]:
+    """``airway route``: the path to a target from a centerline file, as a curve and a polyline.
+
+    Parameters
+    ----------
+    centerlines_path : str or path-like
+        ``branches.json`` or ``centerlines.vtp`` written by :func:`centerline_file`.
+    target_xyz : sequence of 3 float
+        Target point in LPS mm (Slicer shows RAS: negate x and y).
+    out_dir : str or path-like
+        Folder for :data:`ROUTE_FILES`.
+    """
+    target = np.asarray(target_xyz, dtype=float)
+    if target.shape != (3,) or not np.all(np.isfinite(target)):
+        raise AirwayInputError(f"The target {tuple(np.ravel(target))} is not usable; give three numbers x y z in LPS mm.")
+    airway_route = route(read_centerlines(centerlines_path), target)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = list(write_route(airway_route, out_dir / ROUTE_FILES[0], out_dir / ROUTE_FILES[1]))
+    return airway_route, paths

@@ -121,6 +121,27 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     return summary.exit_code
 
 
+def _cmd_centerline(args: argparse.Namespace) -> int:
+    from AirwayRefineLib.centerline import centerline_file
+
+    tree, paths = centerline_file(args.labels, args.out, progress=TextProgressBar())
+    generations = max((b.generation for b in tree.branches), default=-1) + 1
+    print(f"{len(tree.branches)} branches over {generations} generations -> " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+def _cmd_route(args: argparse.Namespace) -> int:
+    from AirwayRefineLib.centerline import route_file
+
+    route, paths = route_file(args.centerlines, args.target, args.out)
+    print(
+        f"{' > '.join(route.names)}: {route.length_mm:.1f} mm along the airway, narrowest radius "
+        f"{route.min_radius_mm:.2f} mm, ends {route.distance_to_target_mm:.1f} mm from the target -> "
+        + ", ".join(str(p) for p in paths)
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``airway`` command (exposed for documentation and tests)."""
     parser = argparse.ArgumentParser(
@@ -242,6 +263,29 @@ def build_parser() -> argparse.ArgumentParser:
         run=_cmd_segment,
         interrupted="finished cases are kept and skipped when the same command runs again",
     )
+    centerline = commands.add_parser(
+        "centerline",
+        help="centerlines of an airway mask for planning tools",
+        description="Extract the airway centerlines (rooted at the top of the trachea, spurs pruned, smoothed, "
+        "radius per point, branch id, parent, generation, class, length) and write centerlines.vtp (VMTK-like "
+        "polylines), centerlines.mrk.json (Slicer curves, radius per point), branches.csv and branches.json. "
+        "All coordinates are LPS mm. Python: AirwayRefineLib.centerline.centerline_file / extract_centerlines.",
+    )
+    centerline.add_argument("--labels", required=True, type=Path, help="airway mask or three-class labels (.nii.gz, .nrrd, .seg.nrrd)")
+    centerline.add_argument("--out", required=True, type=Path, help="output folder")
+    centerline.set_defaults(run=_cmd_centerline)
+
+    route = commands.add_parser(
+        "route",
+        help="airway path from the trachea to the branch nearest a target",
+        description="Find the airway path from the top of the trachea to the centerline point nearest a target "
+        "and write it as route.mrk.json and route.vtp; prints the branch sequence, length and narrowest radius. "
+        "Python: AirwayRefineLib.centerline.route_file / route.",
+    )
+    route.add_argument("--centerlines", required=True, type=Path, help="branches.json or centerlines.vtp of airway centerline")
+    route.add_argument("--target", required=True, type=float, nargs=3, metavar=("X", "Y", "Z"), help="target in LPS mm")
+    route.add_argument("--out", required=True, type=Path, help="output folder")
+    route.set_defaults(run=_cmd_route)
     return parser
 
 
