@@ -28,7 +28,8 @@ _AIRWAY_CODES = {"44567001", "955009", "89187006", "81484001"}
 _AIRWAY_NAME_WORDS = ("airway", "trachea", "bronch")
 
 
-def _terminology_string(code: tuple[str, str]) -> str:
+def terminology_string(code: tuple[str, str]) -> str:
+    """Slicer's terminology entry string for an anatomical structure with SNOMED CT ``code``."""
     category = "SCT^{}^{}".format(*SNOMED_CATEGORY)
     segment_type = "SCT^{}^{}".format(*code)
     return f"{_TERMINOLOGY_CONTEXT}~{category}~{segment_type}~^^~{_ANATOMIC_CONTEXT}~^^~^^"
@@ -91,7 +92,7 @@ def write_segmentation(labels: Volume, path: str | os.PathLike) -> Path:
                 "layer": 0,
                 "extent": extent,
                 "terminology": slicerio.segmentation.terminology_entry_from_string(
-                    _terminology_string(airway_class.snomed_type)
+                    terminology_string(airway_class.snomed_type)
                 ),
             }
         )
@@ -109,7 +110,7 @@ def write_segmentation(labels: Volume, path: str | os.PathLike) -> Path:
     return path
 
 
-def _segment_label(segment: dict) -> int | None:
+def segment_label(segment: dict) -> int | None:
     """Our class label for a segment (by name, then terminology), 0 for other airway segments, None if not airway."""
     name = str(segment.get("name", "")).strip().lower()
     for airway_class in AIRWAY_CLASSES:
@@ -170,7 +171,7 @@ def read_segmentation(path: str | os.PathLike) -> Volume:
                 f"{path}: segment {segment.get('name', '?')!r} names layer {segment.get('layer')} "
                 f"but the file holds {voxels.shape[0]}; re-save it from Slicer."
             )
-    labels_for = {id(s): _segment_label(s) for s in segments}
+    labels_for = {id(s): segment_label(s) for s in segments}
     if len(segments) == 1 and labels_for[id(segments[0])] is None:
         labels_for[id(segments[0])] = 0
     airway_segments = [s for s in segments if labels_for[id(s)] is not None]
