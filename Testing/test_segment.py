@@ -33,7 +33,8 @@ from AirwaySegmentationLib.cli import EXIT_BAD_INPUT, main
 from AirwaySegmentationLib.errors import AirwayInputError
 from AirwaySegmentationLib.inference_settings import InferenceSettings
 from AirwaySegmentationLib.data import phantom_seeds
-from AirwaySegmentationLib.models import catalogue, export_model
+from AirwaySegmentationLib.catalogue import catalogue
+from AirwaySegmentationLib.models import export_model
 from AirwaySegmentationLib.networks import SegmentationOutput, build_network
 from AirwaySegmentationLib.preprocess import DEFAULT_INPUT_SPEC, crop_to_body
 from AirwaySegmentationLib.progress import Cancelled

@@ -22,9 +22,8 @@ from AirwaySegmentationLib.infer import (
     predict_volume,
     resolve_precision,
 )
+from AirwaySegmentationLib.catalogue import catalogue, default_model_name
 from AirwaySegmentationLib.models import (
-    catalogue,
-    default_model_name,
     export_model,
     load_model,
     sha256_of_file,

@@ -44,7 +44,8 @@ import torch
 from AirwaySegmentationLib.data import phantom_seeds
 from AirwaySegmentationLib.infer import autocast, cpu_has_native_bfloat16, physical_cpu_cores, resolve_precision
 from AirwaySegmentationLib.inference_settings import InferenceSettings
-from AirwaySegmentationLib.models import catalogue, export_model
+from AirwaySegmentationLib.catalogue import catalogue
+from AirwaySegmentationLib.models import export_model
 from AirwaySegmentationLib.networks import build_network
 from AirwaySegmentationLib.preprocess import DEFAULT_INPUT_SPEC
 from AirwaySegmentationLib.segment import load_segmentation_model, segment_file

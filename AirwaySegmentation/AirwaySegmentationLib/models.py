@@ -13,9 +13,8 @@ A model ``NAME`` is two files side by side:
   our reading of an incomplete paper, and the ``sha256`` of the weights file, checked on
   every load so a changed or truncated file is refused.
 
-The bundled models are listed as data in ``Resources/Models/catalogue.json`` (schema and
-version, then one entry per model: name, file, default flag, expected CPU / GPU seconds per
-CT or null).  It lists no model until one is trained: no placeholder weights are shipped.
+The bundled models are listed as data in ``Resources/Models/catalogue.json``, read by
+:mod:`~AirwaySegmentationLib.catalogue` (without torch); :func:`bundle_model` adds one.
 
 Examples
 --------
@@ -40,13 +39,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .catalogue import BUNDLED_MODELS_DIR, CATALOGUE_FILE, catalogue, model_file
 from .errors import AirwayInputError
 from .networks import NETWORKS, build_network
 from .volume import atomic_output, atomic_outputs
 
-#: Where the extension keeps its bundled models (``Resources/Models`` of the repository).
-BUNDLED_MODELS_DIR = Path(__file__).resolve().parents[2] / "Resources" / "Models"
-CATALOGUE_FILE = "catalogue.json"
 #: Version of the catalogue and model-card layout written here.
 CARD_VERSION = 1
 #: Networks whose method is our interpretation of a paper that is only partly available
@@ -182,9 +179,8 @@ def load_model(
         not fit the architecture.
     """
     path = Path(path_or_name)
-    entries = {entry["name"]: entry for entry in catalogue(models_dir)} if not path.suffix else {}
-    if str(path_or_name) in entries:
-        path = Path(models_dir or BUNDLED_MODELS_DIR) / entries[str(path_or_name)]["file"]
+    if not path.suffix and str(path_or_name) in {entry["name"] for entry in catalogue(models_dir)}:
+        path = model_file(str(path_or_name), models_dir)
     weights_path, _ = model_paths(path)
     card = read_model_card(path)
     if not weights_path.is_file():
@@ -210,38 +206,6 @@ def load_model(
             f"The weights {weights_path} do not fit the card's architecture {name} ({first_line}); re-export the model."
         ) from None
     return model.to(device).eval(), card
-
-
-def catalogue(models_dir: str | os.PathLike | None = None) -> list[dict]:
-    """The bundled models listed in ``catalogue.json`` (possibly none).
-
-    Each entry has ``name``, ``file`` (the ``.safetensors`` name, its card beside it),
-    ``default`` (bool) and ``cpu_seconds`` / ``gpu_seconds`` (expected time per CT, or null).
-    """
-    path = Path(models_dir or BUNDLED_MODELS_DIR) / CATALOGUE_FILE
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        return []
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise AirwayInputError(f"The model catalogue {path} is not valid JSON ({error}); fix or restore it.") from None
-    models = data.get("models") if isinstance(data, dict) else None
-    if not isinstance(models, list) or not all(
-        isinstance(entry, dict) and isinstance(entry.get("name"), str) and isinstance(entry.get("file"), str)
-        for entry in models
-    ):
-        raise AirwayInputError(
-            f"The model catalogue {path} is malformed; expected {{'models': [{{'name': ..., 'file': ...}}, ...]}}."
-        )
-    return models
-
-
-def default_model_name(models_dir: str | os.PathLike | None = None) -> str:
-    """Name of the catalogue's default model (the first flagged ``default``, else the first)."""
-    models = catalogue(models_dir)
-    if not models:
-        raise AirwayInputError("There is no bundled model yet; train one with airway train.")
-    return next((entry for entry in models if entry.get("default")), models[0])["name"]
 
 
 #: Largest weights file the extension bundles (an extension package must stay small).

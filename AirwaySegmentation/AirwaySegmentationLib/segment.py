@@ -35,6 +35,7 @@ from torch import nn
 from . import __version__
 from .arrays import Box, check_connectivity, fill_holes, largest_component
 from .batch import BatchSummary, Case, find_inputs, parse_shard, run_cases, select_shard
+from .catalogue import catalogue, default_model_name, model_file
 from .errors import AirwayInputError
 from .infer import (
     AIRWAY_THRESHOLD,
@@ -47,7 +48,7 @@ from .infer import (
     tiled_network_input,
 )
 from .inference_settings import InferenceSettings
-from .models import default_model_name, load_model, model_paths, sha256_of_file
+from .models import load_model, model_paths, sha256_of_file
 from .preprocess import InputSpec, crop_to_body
 from .progress import ProgressCallback, report, sub_progress
 from .volume import Geometry, Volume, atomic_outputs, check_ct, read_volume, to_sitk
@@ -384,7 +385,9 @@ def segment_files(
         cases = select_shard(cases, *parse_shard(shard))
     loaded = load_segmentation_model(model)
     check_settings(loaded, settings)
-    weights, _ = model_paths(_model_file(loaded))
+    source = loaded.source
+    named = not Path(source).suffix and source in {entry["name"] for entry in catalogue()}
+    weights, _ = model_paths(model_file(source) if named else Path(source))
     # Everything that decides the outputs: the weights and their card, the engine settings
     # that change results (not threads or batch size), the post-processing, this version.
     inference = settings.as_dict()
@@ -408,13 +411,3 @@ def segment_files(
         )
 
     return run_cases(cases, out_dir, process, collection=collection, settings=run_settings, progress=progress)
-
-
-def _model_file(model: SegmentationModel) -> Path:
-    """The weights file a loaded model came from (a bundled name resolved through the catalogue)."""
-    from .models import BUNDLED_MODELS_DIR, catalogue
-
-    entries = {entry["name"]: entry for entry in catalogue()}
-    if model.source in entries:
-        return BUNDLED_MODELS_DIR / entries[model.source]["file"]
-    return Path(model.source)
