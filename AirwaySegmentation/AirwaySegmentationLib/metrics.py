@@ -54,8 +54,8 @@ import cc3d
 import numpy as np
 from skimage.morphology import skeletonize
 
-from .classes import AIRWAY_CLASSES
 from .arrays import bounding_box
+from .classes import AIRWAY_CLASSES
 from .errors import AirwayInputError
 from .tree import AirwayTree, parse_airway_tree
 

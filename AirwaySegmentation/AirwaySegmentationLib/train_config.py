@@ -28,10 +28,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
-
 from .data import DEFAULT_MARGIN_MM
 from .errors import AirwayInputError
-from .infer import BLENDINGS, PRECISIONS
+from .inference_settings import BLENDINGS, PRECISIONS
 from .networks import NETWORKS, build_network
 from .phantom import PHANTOM_VARIANTS
 from .sampling import CropMix

@@ -56,7 +56,14 @@ from scipy.spatial import cKDTree
 from skimage.morphology import skeletonize
 
 from . import classes
-from .arrays import as_airway_mask, as_spacing_zyx, bounding_box, check_connectivity, fill_holes, largest_component
+from .arrays import (
+    as_airway_mask,
+    as_spacing_zyx,
+    bounding_box,
+    check_connectivity,
+    fill_holes,
+    largest_component,
+)
 from .progress import ProgressCallback
 
 #: Skeleton voxels with this many skeleton neighbours or more are junctions (ATM'22).
