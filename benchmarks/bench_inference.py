@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -120,12 +119,24 @@ def conv_flops_and_kernel_share(model_source: str, window_zyx: tuple[int, int, i
     return float(conv_flops), kernel_us / 1e6
 
 
+def _peak_rss_bytes() -> int:
+    """This process's peak resident memory: ``VmHWM`` of its own address space.
+
+    Not ``getrusage``'s ``ru_maxrss``: Linux carries that over ``exec`` from the parent, so a
+    child started by a parent that held a 512 x 512 x 600 phantom would report the parent's peak.
+    """
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
+
+
 def _one_case(ct_path: str, model: str, out_dir: str) -> None:
     """Child process: segment one CT and print its timings, info and peak RSS as JSON."""
     start = time.perf_counter()
     info = segment_file(ct_path, out_dir, model, InferenceSettings())
     info["end_to_end_s"] = time.perf_counter() - start
-    info["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    info["peak_rss_gb"] = _peak_rss_bytes() / 2**30
     print("RESULT " + json.dumps(info))
 
 
