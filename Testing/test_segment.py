@@ -549,7 +549,7 @@ def test_bfloat16_fast_path_matches_float32_on_a_phantom() -> None:
 
     if not cpu_has_native_bfloat16():
         pytest.skip("this CPU has no native bfloat16: the fast path is float32 already")
-    phantom = generate_phantom(seed=phantom_seeds("test", 1)[0], shape_zyx=(96, 128, 128))
+    phantom = generate_phantom(seed=phantom_seeds("test", 1)[0], shape_zyx=(112, 160, 160))
     model = load_segmentation_model()
     ct = phantom.ct
     fast = segment_ct(ct.array_zyx, ct.geometry, model, InferenceSettings(precision="bfloat16"))

@@ -421,10 +421,11 @@ def test_loading_never_unpickles(tmp_path, monkeypatch) -> None:
         load_model(disguised)
 
 
-def test_catalogue_is_empty_until_a_model_is_trained(tmp_path) -> None:
-    assert catalogue() == []
+def test_an_empty_catalogue_has_no_default_and_the_default_flag_wins(tmp_path) -> None:
+    (tmp_path / "catalogue.json").write_text(json.dumps({"catalogue_version": 1, "models": []}))
+    assert catalogue(tmp_path) == []
     with pytest.raises(AirwayInputError, match="no bundled model yet; train one with airway train"):
-        default_model_name()
+        default_model_name(tmp_path)
     export_model(build_network("wingsnet", base_width=2), {"architecture": {"name": "wingsnet", "kwargs": {"base_width": 2}}}, tmp_path / "w")
     entries = [{"name": "small", "file": "w.safetensors", "default": False}, {"name": "main", "file": "w.safetensors", "default": True}]
     (tmp_path / "catalogue.json").write_text(json.dumps({"catalogue_version": 1, "models": entries}))
@@ -490,3 +491,28 @@ def test_predict_volume_is_the_network_output_on_a_single_window() -> None:
     with torch.no_grad():
         direct = torch.softmax(net(torch.from_numpy(network_input(hu))[None]).main, dim=1)[0].numpy()
     np.testing.assert_allclose(predict_volume(net, hu, patch_size_zyx=(16, 16, 16), overlap_zyx=(0, 0, 0)).probabilities(), direct, atol=1e-6)
+
+
+def test_exported_weights_get_ordinary_file_permissions(tmp_path) -> None:
+    import os
+    import stat
+
+    previous = os.umask(0o022)
+    try:
+        weights, card = export_model(build_network("wingsnet", base_width=2), {"architecture": {"name": "wingsnet", "kwargs": {"base_width": 2}}}, tmp_path / "m")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(weights.stat().st_mode) == stat.S_IMODE(card.stat().st_mode) == 0o644
+
+
+def test_the_bundled_models_load_and_match_their_catalogue() -> None:
+    """Every catalogue entry loads (SHA-256 checked), stays under the size limit, and one is the default."""
+    from AirwaySegmentationLib.models import MAX_BUNDLED_BYTES
+    from AirwaySegmentationLib.catalogue import BUNDLED_MODELS_DIR
+
+    entries = catalogue()
+    assert sum(bool(entry.get("default")) for entry in entries) <= 1
+    for entry in entries:
+        model, card = load_model(entry["name"])
+        assert card["weights_file"] == entry["file"] and (BUNDLED_MODELS_DIR / entry["file"]).stat().st_size <= MAX_BUNDLED_BYTES
+        assert card["training"]["command"].startswith("airway train") and "validation" in card and "input_spec" in card

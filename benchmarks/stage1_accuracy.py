@@ -11,7 +11,7 @@ Gaussian blending, mirroring over three axes, float32) for the comparison of iss
 ``--real`` segments ``../shared/data/realct/lidc-idri-0314/ct.nii.gz`` and checks it against
 the region-growing lower-bound mask beside it: the share of that mask inside the prediction
 and the end-branch counts of both; ``--figure PNG`` draws a coronal minimum-intensity
-projection with the prediction and coronal / sagittal projections of the predicted tree.
+projection with the prediction and a 3-D surface view of the predicted tree.
 
 Run::
 
@@ -113,29 +113,46 @@ def real_scan(model, figure: Path | None) -> None:
 
 
 def _figure(ct_zyx: np.ndarray, labels: np.ndarray, spacing_zyx, path: Path) -> None:
+    """Coronal minIP of the chest with the labels, and a 3-D surface view of the labelled tree."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from mpl_toolkits.mplot3d.art3d import Poly3DCollection
+    from skimage.measure import marching_cubes
+
+    from AirwaySegmentationLib.preprocess import crop_to_body
 
     colours = np.array([[0, 0, 0, 0], [0.85, 0.2, 0.2, 1], [0.2, 0.6, 0.9, 1], [0.3, 0.8, 0.3, 1]])
-    minip = np.clip(ct_zyx.min(axis=1), -1000, -400)
-    coronal = labels.max(axis=1)
-    sagittal = labels.max(axis=2)
-    aspect_cor = spacing_zyx[0] / spacing_zyx[2]
-    aspect_sag = spacing_zyx[0] / spacing_zyx[1]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 5.5))
-    axes[0].imshow(minip, cmap="gray", aspect=aspect_cor, origin="lower")
-    axes[0].imshow(colours[coronal], aspect=aspect_cor, origin="lower", alpha=0.6)
-    axes[0].set_title("coronal minIP with stage-1 labels")
-    axes[1].imshow(colours[coronal], aspect=aspect_cor, origin="lower")
-    axes[1].set_title("tree, coronal projection")
-    axes[2].imshow(colours[sagittal], aspect=aspect_sag, origin="lower")
-    axes[2].set_title("tree, sagittal projection")
-    for axis in axes:
-        axis.set_axis_off()
+    box = crop_to_body(ct_zyx, spacing_zyx)
+    # The minimum along y inside the lung box: air outside the body would hide everything.
+    minip = np.clip(ct_zyx[:, box[1]].min(axis=1), -1000, -600)
+    coronal = labels[:, box[1]].max(axis=1)
+    aspect = spacing_zyx[0] / spacing_zyx[2]
+    fig = plt.figure(figsize=(14, 6.5), facecolor="black")
+    axis = fig.add_subplot(1, 2, 1)
+    axis.imshow(minip, cmap="gray", aspect=aspect, origin="lower")
+    axis.imshow(colours[coronal], aspect=aspect, origin="lower", alpha=0.55)
+    axis.set_title("coronal minIP (lung box) with stage-1 labels", color="white")
+    axis.set_axis_off()
+    view = fig.add_subplot(1, 2, 2, projection="3d", facecolor="black")
+    step = 2  # every other voxel: enough for a picture, and quick
+    for label in (1, 2, 3):
+        mask = labels[::step, ::step, ::step] == label
+        if mask.sum() < 8:
+            continue
+        vertices, faces, _, _ = marching_cubes(mask.astype(np.float32), 0.5, spacing=tuple(step * s for s in spacing_zyx))
+        # (z, y, x) mm -> plotted as x right, y towards the viewer's back, z up
+        xyz = vertices[:, [2, 1, 0]]
+        view.add_collection3d(Poly3DCollection(xyz[faces], facecolor=colours[label][:3], linewidth=0, alpha=0.9))
+    extent = np.asarray(labels.shape)[[2, 1, 0]] * np.asarray(spacing_zyx)[[2, 1, 0]]
+    view.set_xlim(0, extent[0]), view.set_ylim(extent[1], 0), view.set_zlim(0, extent[2])
+    view.set_box_aspect(tuple(extent))
+    view.view_init(elev=5, azim=-90)
+    view.set_axis_off()
+    view.set_title("3-D view (red: trachea + main bronchi, blue: lobar-segmental, green: smaller)", color="white")
     fig.tight_layout()
-    fig.savefig(path, dpi=90, facecolor="black")
+    fig.savefig(path, dpi=80, facecolor="black")
 
 
 def main() -> None:

@@ -494,6 +494,8 @@ class _AtomicPaths:
             return
         try:
             for tmp, path in zip(self.temps, self.paths):
+                # Again here: some writers (safetensors) replace the temporary file with their own.
+                os.chmod(tmp, 0o666 & ~_umask())
                 os.replace(tmp, path)
         except OSError as error:
             self._discard()
