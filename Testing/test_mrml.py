@@ -43,19 +43,6 @@ def scene():
     return slicer_core.vtkMRMLScene()
 
 
-@pytest.fixture(scope="module")
-def converter_rules():
-    """Register Slicer's labelmap <-> closed surface converters, as the Segmentations module does at startup."""
-    factory = slicer_core.vtkSegmentationConverterFactory.GetInstance()
-    registered = {rule.GetClassName() for rule in factory.GetConverterRules()}
-    for rule_class in (
-        slicer_core.vtkBinaryLabelmapToClosedSurfaceConversionRule,
-        slicer_core.vtkClosedSurfaceToBinaryLabelmapConversionRule,
-    ):
-        if rule_class.__name__ not in registered:
-            factory.RegisterConverterRule(rule_class())
-
-
 def ct_values(shape=(7, 9, 11)) -> np.ndarray:
     """Distinct int16 values, so that any axis swap or flip shows."""
     return (np.arange(np.prod(shape), dtype=np.int16).reshape(shape) - 900).astype(np.int16)

@@ -50,6 +50,7 @@ from AirwaySegmentationLib.segment import (
     write_result,
 )
 from AirwaySegmentationLib.volume import Geometry, Volume, write_volume
+from conftest import tiny_card
 from scipy import ndimage
 from torch import nn
 
@@ -125,24 +126,6 @@ def expected_airway(ct: np.ndarray, box, largest: bool = True, connectivity: int
         sizes[0] = 0
         air = components == np.argmax(sizes)
     return ndimage.binary_fill_holes(air)
-
-
-def tiny_card(**extra) -> dict:
-    card = {
-        "architecture": {"name": "wingsnet", "kwargs": {"base_width": 2}},
-        "input_spec": DEFAULT_INPUT_SPEC.as_dict(),
-        "patch_size_zyx": [16, 16, 16],
-    }
-    card.update(extra)
-    return card
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    """A loadable WingsNet (base width 2, random weights): NAME.safetensors + NAME.json."""
-    torch.manual_seed(0)
-    weights, _ = export_model(build_network("wingsnet", base_width=2), tiny_card(), tmp_path_factory.mktemp("model") / "tiny")
-    return weights
 
 
 @pytest.fixture(scope="module")

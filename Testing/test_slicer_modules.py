@@ -432,37 +432,6 @@ def slicer_core():
     return pytest.importorskip("slicer_core", reason="the slicer-core wheel (Slicer's MRML libraries) is not installed")
 
 
-@pytest.fixture(scope="module")
-def converter_rules(slicer_core) -> None:
-    """Register the labelmap <-> closed surface converters, as Slicer's Segmentations module does at startup."""
-    factory = slicer_core.vtkSegmentationConverterFactory.GetInstance()
-    registered = {rule.GetClassName() for rule in factory.GetConverterRules()}
-    for rule_class in (
-        slicer_core.vtkBinaryLabelmapToClosedSurfaceConversionRule,
-        slicer_core.vtkClosedSurfaceToBinaryLabelmapConversionRule,
-    ):
-        if rule_class.__name__ not in registered:
-            factory.RegisterConverterRule(rule_class())
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> str:
-    """A loadable WingsNet (base width 2, random weights, 16^3 patch): NAME.safetensors + NAME.json."""
-    import torch
-    from AirwaySegmentationLib.models import export_model
-    from AirwaySegmentationLib.networks import build_network
-    from AirwaySegmentationLib.preprocess import DEFAULT_INPUT_SPEC
-
-    torch.manual_seed(0)
-    card = {
-        "architecture": {"name": "wingsnet", "kwargs": {"base_width": 2}},
-        "input_spec": DEFAULT_INPUT_SPEC.as_dict(),
-        "patch_size_zyx": [16, 16, 16],
-    }
-    weights, _ = export_model(build_network("wingsnet", base_width=2), card, tmp_path_factory.mktemp("model") / "tiny")
-    return str(weights)
-
-
 def _synthetic_chest_ct():
     """A 32 x 48 x 48 CT: air around a soft-tissue body, a lung box, a trachea-like air tube."""
     from AirwaySegmentationLib.volume import Geometry, Volume
