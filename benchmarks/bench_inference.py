@@ -43,7 +43,7 @@ import torch
 from AirwaySegmentationLib.data import phantom_seeds
 from AirwaySegmentationLib.infer import autocast, cpu_has_native_bfloat16, physical_cpu_cores, resolve_precision
 from AirwaySegmentationLib.inference_settings import InferenceSettings
-from AirwaySegmentationLib.catalogue import catalogue
+from AirwaySegmentationLib.catalogue import catalogue, default_model_name
 from AirwaySegmentationLib.models import export_model
 from AirwaySegmentationLib.networks import build_network
 from AirwaySegmentationLib.preprocess import DEFAULT_INPUT_SPEC
@@ -98,11 +98,11 @@ def conv3d_peak(dtype: torch.dtype, channels_last: bool, edge: int = 96) -> floa
     return best
 
 
-def conv_flops_and_kernel_share(model_source: str, window_zyx: tuple[int, int, int], dtype: torch.dtype) -> tuple[float, float]:
+def conv_flops_and_kernel_share(network: torch.nn.Module, window_zyx: tuple[int, int, int], dtype: torch.dtype) -> tuple[float, float]:
     """Convolution FLOPs of one window and the seconds the profiler puts in convolution kernels."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    network = load_segmentation_model(model_source).network.to(memory_format=torch.channels_last_3d)
+    network = network.eval().to(memory_format=torch.channels_last_3d)
     x = torch.rand(1, 2, *window_zyx).contiguous(memory_format=torch.channels_last_3d)
     counter = FlopCounterMode(display=False)
     with torch.inference_mode():
@@ -179,8 +179,9 @@ def main() -> None:
     print(f"CPU: {threads} physical cores, native bfloat16: {cpu_has_native_bfloat16()}, precision {dtype}, torch {torch.__version__}")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        model = args.model or (catalogue()[0]["name"] if catalogue() else _random_model(tmp))
+        model = args.model or (default_model_name() if catalogue() else _random_model(tmp))
         print(f"model: {model}")
+        network = load_segmentation_model(model).network
         peak = conv3d_peak(dtype, channels_last=True)
         print(f"conv3d peak ({dtype}, channels-last, 3x3x3): {peak:.0f} GFLOP/s")
         cases = {}
@@ -194,7 +195,7 @@ def main() -> None:
             timings = result["timings_s"]
             voxels = int(np.prod(result["shape_zyx"]))
             window = tuple(result["window_zyx"])
-            conv_flops, kernel_s = conv_flops_and_kernel_share(model, window, dtype)
+            conv_flops, kernel_s = conv_flops_and_kernel_share(network, window, dtype)
             network_gflops = conv_flops * result["windows"] / timings["network"] / 1e9
             kernel_gflops = conv_flops / kernel_s / 1e9
             print(f"\n{name}: {'x'.join(map(str, result['shape_zyx']))} zyx, crop {result['crop_box_zyx']}, "

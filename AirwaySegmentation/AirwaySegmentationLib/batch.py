@@ -33,9 +33,8 @@ from pathlib import Path
 
 from .data import CHANNEL_SUFFIX, name_with_ending
 from .errors import AirwayInputError
-from .jobs import write_json
 from .progress import Cancelled, ProgressCallback, report, sub_progress
-from .volume import IMAGE_SUFFIXES
+from .volume import IMAGE_SUFFIXES, write_json
 
 #: Name of the file that marks a finished case in its output folder.
 MANIFEST_NAME = "manifest.json"

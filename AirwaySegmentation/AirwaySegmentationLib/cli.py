@@ -19,7 +19,7 @@ from pathlib import Path
 from . import __version__
 from .classes import DEFAULT_SEGMENTAL_GENERATION
 from .errors import AirwayInputError
-from .inference_settings import InferenceSettings
+from .inference_settings import BLENDINGS, CUDA_BATCH_SIZE, PRECISIONS, InferenceSettings
 from .progress import Cancelled, TextProgressBar
 
 EXIT_BAD_INPUT = 2
@@ -247,9 +247,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="largest window edge in voxels; windows grow from the training patch up to it so fewer cover the "
         "CT (default %(default)s; 0: training patch only)",
     )
-    segment.add_argument("--blending", choices=("gaussian", "mean"), default="gaussian")
-    segment.add_argument("--precision", choices=("auto", "float32", "bfloat16", "float16"), default="auto")
-    segment.add_argument("--batch-size", type=int, default=None, help="windows per forward pass (default: 1 on CPU, 4 on CUDA)")
+    segment.add_argument("--blending", choices=BLENDINGS, default=defaults.blending)
+    segment.add_argument("--precision", choices=PRECISIONS, default=defaults.precision)
+    segment.add_argument(
+        "--batch-size", type=int, default=None,
+        help=f"windows per forward pass (default: 1 on CPU, {CUDA_BATCH_SIZE} on CUDA)",
+    )
     segment.add_argument("--mirror", action="store_true", help="test-time mirroring over 3 axes (8x slower)")
     segment.add_argument("--threads", type=int, default=None, help="CPU threads (default: one per physical core)")
     segment.add_argument("--probability", action="store_true", help="also write the airway probability (float32 file)")

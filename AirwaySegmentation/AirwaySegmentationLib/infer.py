@@ -57,7 +57,7 @@ from torch import nn
 
 from .arrays import Box
 from .errors import AirwayInputError
-from .inference_settings import BLENDINGS, DEVICES, PRECISIONS, InferenceSettings
+from .inference_settings import BLENDINGS, CUDA_BATCH_SIZE, DEVICES, PRECISIONS, InferenceSettings
 from .losses import class_log_probabilities
 from .preprocess import DEFAULT_INPUT_SPEC, InputSpec, network_input
 from .progress import Cancelled, ProgressCallback, report
@@ -71,9 +71,6 @@ _GAUSSIAN_SIGMA_SHARE = 1.0 / 8.0
 _PROFILE_FLOOR = 0.1
 #: Airway union probability at and above which a voxel is airway (METHODS section 5).
 AIRWAY_THRESHOLD = 0.5
-#: Windows per batch on CUDA before any out-of-memory retry (the CPU runs one at a time:
-#: a batch does not make the CPU's convolutions faster and only costs memory).
-CUDA_BATCH_SIZE = 4
 #: Test-time mirroring (nnU-Net's): the flips, as tensor dimensions of (N, C, D, H, W).
 _MIRROR_FLIPS = tuple(
     flip for r in range(4) for flip in itertools.combinations((2, 3, 4), r)
@@ -479,7 +476,8 @@ class SlidingWindow:
             )
         image = torch.from_numpy(np.asarray(image_czyx, dtype=np.float32))
         boxes = tiling.boxes()
-        weight = torch.from_numpy(importance_map(tiling.window_zyx, self.settings.blending))
+        weight_cpu = torch.from_numpy(importance_map(tiling.window_zyx, self.settings.blending))
+        weight = weight_cpu.to(self.device)
         accumulator = _DTYPES[self.settings.accumulator]
         sums: torch.Tensor | None = None
         done = 0
@@ -491,12 +489,13 @@ class SlidingWindow:
                 batch_boxes = boxes[done : done + self.batch_size]
                 try:
                     probabilities = self._predict(image, batch_boxes)
-                    probabilities = probabilities.mul_(weight.to(self.device)).to(accumulator).cpu()
+                    probabilities = probabilities.mul_(weight).to(accumulator).cpu()
                 except torch.cuda.OutOfMemoryError:
                     probabilities = None
                 if probabilities is None:
                     # Outside the handler: the traceback no longer holds the failed batch's memory.
                     self._shrink_after_out_of_memory(progress, done / len(boxes))
+                    weight = weight_cpu.to(self.device)  # the CPU after a fallback
                     continue
                 if sums is None:
                     sums = torch.zeros((probabilities.shape[1],) + tiling.shape_zyx, dtype=accumulator)
@@ -521,7 +520,7 @@ class SlidingWindow:
             probabilities = class_log_probabilities(logits).exp()
             probabilities = probabilities.flip(flip) if flip else probabilities
             total = probabilities if total is None else total.add_(probabilities)
-        return total / len(flips)
+        return total if len(flips) == 1 else total.div_(len(flips))
 
     def _shrink_after_out_of_memory(self, progress: ProgressCallback | None, fraction: float) -> None:
         """Halve the batch after a CUDA out-of-memory error; at batch 1 continue on the CPU."""

@@ -15,6 +15,9 @@ BLENDINGS = ("gaussian", "mean")
 PRECISIONS = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
 ACCUMULATORS = ("float16", "float32")
+#: Windows per batch on CUDA before any out-of-memory retry (the CPU runs one at a time:
+#: a batch does not make the CPU's convolutions faster and only costs memory).
+CUDA_BATCH_SIZE = 4
 
 
 @dataclass(frozen=True)

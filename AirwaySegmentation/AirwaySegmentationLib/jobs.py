@@ -20,7 +20,7 @@ from .metrics import AirwayMetrics, evaluate_airway
 from .progress import ProgressCallback, report, sub_progress
 from .segfile import check_label_path, write_labels
 from .tree import AirwayTree, covering_class_labels, parse_airway_tree
-from .volume import Volume, atomic_output, atomic_outputs, check_same_grid, read_label
+from .volume import Volume, atomic_outputs, check_same_grid, read_label, write_json
 
 
 def branch_table(tree: AirwayTree) -> list[dict]:
@@ -37,14 +37,6 @@ def branch_table(tree: AirwayTree) -> list[dict]:
         }
         for branch in tree.branches
     ]
-
-
-def write_json(data: object, path: str | os.PathLike) -> Path:
-    """Write ``data`` as indented JSON, atomically."""
-    path = Path(path)
-    with atomic_output(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2) + "\n")
-    return path
 
 
 def label_airway_file(

@@ -42,7 +42,7 @@ from torch import nn
 from .catalogue import BUNDLED_MODELS_DIR, CATALOGUE_FILE, catalogue, model_file
 from .errors import AirwayInputError
 from .networks import NETWORKS, build_network
-from .volume import atomic_output, atomic_outputs
+from .volume import atomic_outputs, write_json
 
 #: Version of the catalogue and model-card layout written here.
 CARD_VERSION = 1
@@ -267,8 +267,8 @@ def bundle_model(
             f"The model {name} is {size / 2**20:.1f} MiB; bundled models must stay under {MAX_BUNDLED_BYTES // 2**20} MiB."
         )
     path = folder / CATALOGUE_FILE
+    entries = [entry for entry in catalogue(folder) if entry["name"] != name]  # checks the file's form
     data = json.loads(path.read_text()) if path.is_file() else {"catalogue_version": CARD_VERSION, "models": []}
-    entries = [entry for entry in catalogue(folder) if entry["name"] != name]
     if default:
         entries = [{**entry, "default": False} for entry in entries]
     entries.append(
@@ -276,6 +276,5 @@ def bundle_model(
          "cpu_seconds": cpu_seconds, "gpu_seconds": gpu_seconds}
     )
     data["models"] = entries
-    with atomic_output(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2) + "\n")
+    write_json(data, path)
     return weights

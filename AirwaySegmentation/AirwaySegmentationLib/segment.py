@@ -35,7 +35,7 @@ from torch import nn
 from . import __version__
 from .arrays import Box, check_connectivity, fill_holes, largest_component
 from .batch import BatchSummary, Case, find_inputs, parse_shard, run_cases, select_shard
-from .catalogue import catalogue, default_model_name, model_file
+from .catalogue import default_model_name
 from .errors import AirwayInputError
 from .infer import (
     AIRWAY_THRESHOLD,
@@ -48,10 +48,10 @@ from .infer import (
     tiled_network_input,
 )
 from .inference_settings import InferenceSettings
-from .models import load_model, model_paths, sha256_of_file
+from .models import load_model
 from .preprocess import InputSpec, crop_to_body
 from .progress import ProgressCallback, report, sub_progress
-from .volume import Geometry, Volume, atomic_outputs, check_ct, read_volume, to_sitk
+from .volume import Geometry, Volume, atomic_outputs, check_ct, read_ct, to_sitk
 
 #: Files one segmentation writes into its output folder.
 LABELS_FILE = "labels.nii.gz"
@@ -198,9 +198,28 @@ def segment_ct(
     -------
     SegmentationResult
     """
+    ct = check_ct(Volume(np.asarray(ct_zyx), geometry))
+    return _segment_checked(
+        ct, model, settings, threshold=threshold, keep_largest_component=keep_largest_component,
+        connectivity=connectivity, keep_probability=keep_probability, progress=progress, cancel=cancel,
+    )
+
+
+def _segment_checked(
+    ct: Volume,
+    model: SegmentationModel | str | os.PathLike | None,
+    settings: InferenceSettings,
+    *,
+    threshold: float,
+    keep_largest_component: bool,
+    connectivity: int,
+    keep_probability: bool,
+    progress: ProgressCallback | None,
+    cancel: CancelToken | None,
+) -> SegmentationResult:
+    """:func:`segment_ct` on a CT already checked by :func:`~AirwaySegmentationLib.volume.check_ct`."""
     check_connectivity(connectivity)
     check_threshold(threshold)
-    ct = check_ct(Volume(np.asarray(ct_zyx), geometry))
     loaded = model if isinstance(model, SegmentationModel) else load_segmentation_model(model)
     check_settings(loaded, settings)
     timings: dict[str, float] = {}
@@ -241,6 +260,7 @@ def segment_ct(
     timings["postprocess"] = time.perf_counter() - start
     report(progress, 1.0, "Segmentation done")
 
+    counts = np.bincount(labels[box].ravel(), minlength=int(sums.sums.shape[0]))  # zero outside the box
     info = {
         "model": loaded.describe(),
         "device": str(sums.device),
@@ -251,8 +271,8 @@ def segment_ct(
         "window_zyx": list(tiling.window_zyx),
         "window_overlap_zyx": list(tiling.overlaps_zyx()),
         "network_voxels": len(tiling) * int(np.prod(tiling.window_zyx)),
-        "airway_voxels": int(np.count_nonzero(labels)),
-        "class_voxels": {str(c): int(np.count_nonzero(labels == c)) for c in range(1, int(sums.sums.shape[0]))},
+        "airway_voxels": int(counts[1:].sum()),
+        "class_voxels": {str(c): int(counts[c]) for c in range(1, len(counts))},
     }
     return SegmentationResult(
         labels=Volume(labels, ct.geometry),
@@ -314,13 +334,12 @@ def segment_file(
     """
     start = time.perf_counter()
     report(progress, 0.0, f"Reading {ct_path}")
-    ct = read_volume(ct_path)
+    ct = read_ct(ct_path)
     read_seconds = time.perf_counter() - start
-    check_ct(ct, source=str(ct_path))
-    result = segment_ct(
-        ct.array_zyx, ct.geometry, model, settings,
-        keep_largest_component=keep_largest_component, connectivity=connectivity,
-        keep_probability=keep_probability, progress=sub_progress(progress, 0.03, 0.97), cancel=cancel,
+    result = _segment_checked(
+        ct, model, settings, threshold=AIRWAY_THRESHOLD, keep_largest_component=keep_largest_component,
+        connectivity=connectivity, keep_probability=keep_probability,
+        progress=sub_progress(progress, 0.03, 0.97), cancel=cancel,
     )
     start = time.perf_counter()
     report(progress, 0.97, f"Writing to {out_dir}")
@@ -385,9 +404,6 @@ def segment_files(
         cases = select_shard(cases, *parse_shard(shard))
     loaded = load_segmentation_model(model)
     check_settings(loaded, settings)
-    source = loaded.source
-    named = not Path(source).suffix and source in {entry["name"] for entry in catalogue()}
-    weights, _ = model_paths(model_file(source) if named else Path(source))
     # Everything that decides the outputs: the weights and their card, the engine settings
     # that change results (not threads or batch size), the post-processing, this version.
     inference = settings.as_dict()
@@ -395,7 +411,7 @@ def segment_files(
         inference.pop(speed_only)
     run_settings = {
         "version": __version__,
-        "model_sha256": sha256_of_file(weights),
+        "model_sha256": loaded.card["sha256"],  # checked against the weights by load_model
         "model_input": {"input_spec": loaded.card["input_spec"], "patch_size_zyx": loaded.card["patch_size_zyx"]},
         "inference": inference,
         "keep_probability": keep_probability,

@@ -30,7 +30,7 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from .data import DEFAULT_MARGIN_MM
 from .errors import AirwayInputError
-from .inference_settings import BLENDINGS, PRECISIONS
+from .inference_settings import BLENDINGS, DEVICES, PRECISIONS
 from .networks import NETWORKS, build_network
 from .phantom import PHANTOM_VARIANTS
 from .sampling import CropMix
@@ -42,7 +42,6 @@ else:  # Python 3.10: the same parser, as a package (tomli; python_version < '3.
 
 LOSSES = ("deeptree", "gul", "tang", "dice_focal")
 UNION_LOSSES = ("tang", "gul")
-DEVICES = ("auto", "cpu", "cuda")
 LR_SCHEDULES = ("constant", "cosine")
 
 

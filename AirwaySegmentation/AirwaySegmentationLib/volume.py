@@ -11,6 +11,7 @@ with a one-sentence message.
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from dataclasses import dataclass
@@ -466,7 +467,6 @@ class _AtomicPaths:
         self.temps: list[Path] = []
 
     def __enter__(self):
-        mode = 0o666 & ~_umask()
         try:
             for path in self.paths:
                 if path.is_dir():
@@ -482,7 +482,6 @@ class _AtomicPaths:
                     ) from None
                 os.close(handle)
                 self.temps.append(Path(name))
-                os.chmod(name, mode)
         except BaseException:
             self._discard()
             raise
@@ -492,10 +491,10 @@ class _AtomicPaths:
         if exc_type is not None:
             self._discard()
             return
+        mode = 0o666 & ~_umask()  # mkstemp makes 0600; set here, as some writers replace the file
         try:
             for tmp, path in zip(self.temps, self.paths):
-                # Again here: some writers (safetensors) replace the temporary file with their own.
-                os.chmod(tmp, 0o666 & ~_umask())
+                os.chmod(tmp, mode)
                 os.replace(tmp, path)
         except OSError as error:
             self._discard()
@@ -504,6 +503,14 @@ class _AtomicPaths:
     def _discard(self) -> None:
         for tmp in self.temps:
             tmp.unlink(missing_ok=True)
+
+
+def write_json(data: object, path: str | os.PathLike) -> Path:
+    """Write ``data`` as indented JSON, atomically."""
+    path = Path(path)
+    with atomic_output(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+    return path
 
 
 def write_volume(volume: Volume, path: str | os.PathLike, compress: bool = True) -> Path:
