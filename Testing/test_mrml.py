@@ -197,7 +197,7 @@ def test_segmentation_node_has_named_coloured_coded_segments(scene) -> None:
     layer = segmentation.GetLayerDataObject(0)
     stored = numpy_support.vtk_to_numpy(layer.GetPointData().GetScalars()).reshape(labels.array_zyx.shape)
     np.testing.assert_array_equal(stored, labels.array_zyx)
-    expected_ras = np.diag([-1.0, -1.0, 1.0, 1.0]) @ mrml._ijk_to_lps(OBLIQUE)
+    expected_ras = np.diag([-1.0, -1.0, 1.0, 1.0]) @ OBLIQUE.ijk_to_lps
     np.testing.assert_allclose(_matrix(layer.GetImageToWorldMatrix), expected_ras, atol=1e-9)
     assert node.GetDisplayNode() is not None
     with pytest.raises(AirwayInputError, match=r"\[4, 255\] that are not airway classes"):
@@ -320,7 +320,7 @@ def test_closed_surface_segment_is_converted_and_classified(scene, converter_rul
     labels = mrml.labels_from_segmentation_node(node, reference).array_zyx
     # Converted straight onto the reference grid, and the node's own setting is left as it was.
     layer = node.GetSegmentation().GetNthSegment(0).GetRepresentation("Binary labelmap")
-    expected_ras = np.diag([-1.0, -1.0, 1.0, 1.0]) @ mrml._ijk_to_lps(reference.geometry)
+    expected_ras = np.diag([-1.0, -1.0, 1.0, 1.0]) @ reference.geometry.ijk_to_lps
     np.testing.assert_allclose(_matrix(layer.GetImageToWorldMatrix), expected_ras, atol=1e-9)
     assert node.GetSegmentation().GetConversionParameter(parameter) == before
     assert labels[5, 5, 5] == 1 and labels[5, 5, 7] == 1  # centre and 2 mm off it

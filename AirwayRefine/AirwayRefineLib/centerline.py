@@ -899,10 +899,7 @@ def route_file(
     out_dir : str or path-like
         Folder for :data:`ROUTE_FILES`.
     """
-    target = np.asarray(target_xyz, dtype=float)
-    if target.shape != (3,) or not np.all(np.isfinite(target)):
-        raise AirwayInputError(f"The target {tuple(np.ravel(target))} is not usable; give three numbers x y z in LPS mm.")
-    airway_route = route(read_centerlines(centerlines_path), target)
+    airway_route = route(read_centerlines(centerlines_path), target_xyz)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = list(write_route(airway_route, out_dir / ROUTE_FILES[0], out_dir / ROUTE_FILES[1]))

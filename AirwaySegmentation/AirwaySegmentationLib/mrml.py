@@ -1,4 +1,4 @@
-"""Conversion between MRML nodes and our arrays + geometry: the only file that touches MRML.
+"""Conversion between MRML nodes and our arrays + geometry: the only Lib file that touches MRML.
 
 The Slicer module files stay thin: they take nodes from ``slicer.mrmlScene``, call these
 functions, run the headless core on :class:`~AirwaySegmentationLib.volume.Volume` objects and
@@ -71,24 +71,6 @@ def _vtk_matrix_from_array(array: np.ndarray) -> vtkMatrix4x4:
         for column in range(4):
             matrix.SetElement(row, column, float(array[row, column]))
     return matrix
-
-
-def _ijk_to_lps(geometry: Geometry) -> np.ndarray:
-    """4x4 matrix mapping voxel indices (i, j, k, 1) to LPS millimetres."""
-    matrix = np.eye(4)
-    matrix[:3, :3] = geometry.direction_matrix * np.asarray(geometry.spacing_xyz)
-    matrix[:3, 3] = geometry.origin_xyz
-    return matrix
-
-
-def _geometry_from_ijk_to_lps(matrix: np.ndarray, what: str) -> Geometry:
-    spacing = np.linalg.norm(matrix[:3, :3], axis=0)
-    if np.any(spacing <= 0):
-        raise AirwayInputError(f"{what} has a zero voxel spacing; fix its geometry in Slicer.")
-    try:
-        return Geometry(tuple(spacing), tuple(matrix[:3, 3]), tuple((matrix[:3, :3] / spacing).ravel()))
-    except AirwayInputError as error:
-        raise AirwayInputError(f"{what}: {error}") from None
 
 
 def _node_to_world(node: Any) -> np.ndarray:
@@ -172,7 +154,7 @@ def volume_from_node(node: Any) -> Volume:
     extent_start = np.eye(4)
     extent_start[:3, 3] = image.GetExtent()[::2]
     world = _node_to_world(node) @ _array_from_vtk_matrix(ijk_to_ras) @ extent_start
-    return Volume(values, _geometry_from_ijk_to_lps(_RAS_FROM_LPS @ world, what))
+    return Volume(values, Geometry.from_ijk_to_lps(_RAS_FROM_LPS @ world, what))
 
 
 def node_from_volume(volume: Volume, scene: Any, name: str, node: Any = None, labelmap: bool = False) -> Any:
@@ -206,7 +188,7 @@ def node_from_volume(volume: Volume, scene: Any, name: str, node: Any = None, la
     else:
         node.SetName(name)
     node.SetAndObserveImageData(_image_from_voxels(values, vtkImageData()))
-    world = _RAS_FROM_LPS @ _ijk_to_lps(volume.geometry)
+    world = _RAS_FROM_LPS @ volume.geometry.ijk_to_lps
     node.SetIJKToRASMatrix(_vtk_matrix_from_array(np.linalg.inv(_node_to_world(node)) @ world))
     node.CreateDefaultDisplayNodes()
     return node
@@ -254,7 +236,7 @@ def segmentation_node_from_labels(labels: Volume, scene: Any, name: str, referen
     segmentation = node.GetSegmentation()
     oriented_image = _mrml_class(segmentation, "vtkOrientedImageData")()
     labelmap = _image_from_voxels(np.ascontiguousarray(values, dtype=np.uint8), oriented_image)
-    labelmap.SetImageToWorldMatrix(_vtk_matrix_from_array(_RAS_FROM_LPS @ _ijk_to_lps(labels.geometry)))
+    labelmap.SetImageToWorldMatrix(_vtk_matrix_from_array(_RAS_FROM_LPS @ labels.geometry.ijk_to_lps))
     segmentation.SetSourceRepresentationName(BINARY_LABELMAP)
     for airway_class in AIRWAY_CLASSES:
         segment = _mrml_class(segmentation, "vtkSegment")()
@@ -291,7 +273,7 @@ def _resample_nearest(
 ) -> np.ndarray:
     """Nearest-neighbour values of a grid at the voxel centres of another (0 outside), as Slicer resamples labelmaps."""
     # Affine map from reference voxel indices to source voxel indices, both in i, j, k order.
-    mapping = np.linalg.inv(values_ijk_to_lps) @ _ijk_to_lps(reference)
+    mapping = np.linalg.inv(values_ijk_to_lps) @ reference.ijk_to_lps
     linear, offset = mapping[:3, :3], mapping[:3, 3]
     shift = np.rint(offset).astype(int)
     if np.allclose(linear, np.eye(3), atol=1e-6) and np.allclose(offset, shift, atol=1e-3):
@@ -321,7 +303,7 @@ def _create_binary_labelmaps(node: Any, reference: Volume) -> None:
     converter = _mrml_class(segmentation, "vtkSegmentationConverter")
     parameter = converter.GetReferenceImageGeometryParameterName()
     kept = segmentation.GetConversionParameter(parameter)
-    grid_ras = np.linalg.inv(_node_to_world(node)) @ _RAS_FROM_LPS @ _ijk_to_lps(reference.geometry)
+    grid_ras = np.linalg.inv(_node_to_world(node)) @ _RAS_FROM_LPS @ reference.geometry.ijk_to_lps
     extent = [v for size in reversed(reference.array_zyx.shape) for v in (0, size - 1)]
     segmentation.SetConversionParameter(
         parameter, converter.SerializeImageGeometry(_vtk_matrix_from_array(grid_ras), extent)

@@ -35,13 +35,6 @@ def terminology_string(code: tuple[str, str]) -> str:
     return f"{_TERMINOLOGY_CONTEXT}~{category}~{segment_type}~^^~{_ANATOMIC_CONTEXT}~^^~^^"
 
 
-def _ijk_to_lps(geometry: Geometry) -> np.ndarray:
-    matrix = np.eye(4)
-    matrix[:3, :3] = geometry.direction_matrix * np.asarray(geometry.spacing_xyz)
-    matrix[:3, 3] = geometry.origin_xyz
-    return matrix
-
-
 def write_segmentation(labels: Volume, path: str | os.PathLike) -> Path:
     """Write a three-class label map as a Slicer ``.seg.nrrd``, atomically.
 
@@ -98,7 +91,7 @@ def write_segmentation(labels: Volume, path: str | os.PathLike) -> Path:
         )
     segmentation = {
         "voxels": voxels_ijk,
-        "ijkToLPS": _ijk_to_lps(labels.geometry),
+        "ijkToLPS": labels.geometry.ijk_to_lps,
         "encoding": "gzip",
         "containedRepresentationNames": ["Binary labelmap"],
         "masterRepresentation": "Binary labelmap",
@@ -187,13 +180,7 @@ def read_segmentation(path: str | os.PathLike) -> Volume:
     for segment in sorted(airway_segments, key=lambda s: labels_for[id(s)] or 0):
         mask = voxels[segment.get("layer", 0)] == segment.get("labelValue", 1)
         labels_ijk[mask] = labels_for[id(segment)] if three_class else 1
-    ijk_to_lps = np.asarray(segmentation["ijkToLPS"], dtype=float)
-    spacing_xyz = np.linalg.norm(ijk_to_lps[:3, :3], axis=0)
-    if np.any(spacing_xyz <= 0):
-        raise AirwayInputError(f"{path} has a zero voxel spacing; fix the file header.")
-    geometry = Geometry(
-        tuple(spacing_xyz), tuple(ijk_to_lps[:3, 3]), tuple((ijk_to_lps[:3, :3] / spacing_xyz).ravel())
-    )
+    geometry = Geometry.from_ijk_to_lps(segmentation["ijkToLPS"], str(path))
     return Volume(np.ascontiguousarray(labels_ijk.transpose(2, 1, 0)), geometry)
 
 

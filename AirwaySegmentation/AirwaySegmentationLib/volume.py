@@ -89,6 +89,26 @@ class Geometry:
         return np.asarray(self.direction, dtype=float).reshape(3, 3)
 
     @property
+    def ijk_to_lps(self) -> np.ndarray:
+        """4x4 matrix mapping voxel indices (i, j, k, 1) to LPS millimetres (the ``.seg.nrrd`` and MRML form)."""
+        matrix = np.eye(4)
+        matrix[:3, :3] = self.direction_matrix * np.asarray(self.spacing_xyz)
+        matrix[:3, 3] = self.origin_xyz
+        return matrix
+
+    @classmethod
+    def from_ijk_to_lps(cls, matrix: np.ndarray, what: str) -> "Geometry":
+        """The geometry of a 4x4 index-to-LPS matrix; ``what`` names its source in errors."""
+        matrix = np.asarray(matrix, dtype=float)
+        spacing = np.linalg.norm(matrix[:3, :3], axis=0)
+        if np.any(spacing <= 0):
+            raise AirwayInputError(f"{what} has a zero voxel spacing; fix its geometry.")
+        try:
+            return cls(tuple(spacing), tuple(matrix[:3, 3]), tuple((matrix[:3, :3] / spacing).ravel()))
+        except AirwayInputError as error:
+            raise AirwayInputError(f"{what}: {error}") from None
+
+    @property
     def superior_zyx(self) -> tuple[float, float, float]:
         """Index-space direction (z, y, x) in which the patient's head lies.
 
