@@ -38,7 +38,7 @@ from vtkmodules.vtkCommonMath import vtkMatrix4x4
 
 from .classes import AIRWAY_CLASSES
 from .errors import AirwayInputError
-from .segfile import segment_label, terminology_string
+from .segfile import airway_label_plan, terminology_string
 from .volume import Geometry, Volume
 
 #: Name of the segmentation representation that holds voxels.
@@ -364,31 +364,21 @@ def labels_from_segmentation_node(node: Any, reference: Volume) -> Volume:
     """
     segmentation = node.GetSegmentation()
     segment_ids = [segmentation.GetNthSegmentID(n) for n in range(segmentation.GetNumberOfSegments())]
-    labels_for = {sid: segment_label(_segment_description(segmentation.GetSegment(sid))) for sid in segment_ids}
-    if len(segment_ids) == 1 and labels_for[segment_ids[0]] is None:
-        labels_for[segment_ids[0]] = 0
-    airway_ids = [sid for sid in segment_ids if labels_for[sid] is not None]
-    if not airway_ids:
-        names = ", ".join(repr(segmentation.GetSegment(sid).GetName()) for sid in segment_ids) or "none"
-        raise AirwayInputError(
-            f"The segmentation {node.GetName()!r} has no airway segment (segments: {names}); name the "
-            "airway segment 'airway' or use our class names."
-        )
+    descriptions = [_segment_description(segmentation.GetSegment(sid)) for sid in segment_ids]
+    plan = airway_label_plan(descriptions, f"The segmentation {node.GetName()!r}")
     if not segmentation.ContainsRepresentation(BINARY_LABELMAP):
         _create_binary_labelmaps(node, reference)
-    three_class = all(labels_for[sid] for sid in airway_ids)
     to_world_lps = _RAS_FROM_LPS @ _node_to_world(node)
     # Segments often share one labelmap (a layer); resample each shared labelmap once.
     resampled: dict[str, np.ndarray] = {}
     labels = np.zeros(reference.array_zyx.shape, dtype=np.uint8)
-    # Lower classes first so that, where segments overlap, the more peripheral class wins.
-    for sid in sorted(airway_ids, key=lambda s: labels_for[s] or 0):
-        segment = segmentation.GetSegment(sid)
+    for index, value in plan:
+        segment = segmentation.GetSegment(segment_ids[index])
         labelmap = segment.GetRepresentation(BINARY_LABELMAP)
         key = labelmap.GetAddressAsString("vtkObject")
         if key not in resampled:
             resampled[key] = _labelmap_on_grid(labelmap, to_world_lps, reference)
-        labels[resampled[key] == segment.GetLabelValue()] = labels_for[sid] if three_class else 1
+        labels[resampled[key] == segment.GetLabelValue()] = value
     return Volume(labels, reference.geometry)
 
 

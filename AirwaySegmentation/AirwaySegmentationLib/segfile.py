@@ -11,6 +11,7 @@ binary mask.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -103,7 +104,35 @@ def write_segmentation(labels: Volume, path: str | os.PathLike) -> Path:
     return path
 
 
-def segment_label(segment: dict) -> int | None:
+def airway_label_plan(segments: Sequence[Mapping], source: str) -> list[tuple[int, int]]:
+    """Which segments become which output label: ``(index in segments, label)`` pairs, in paint order.
+
+    The one rule for annotators' segmentations, files and MRML nodes alike: segments map to
+    our classes by name, then terminology (:func:`segment_label`); other airway segments,
+    and a lone segment of any name, are airway.  When every airway segment has a class the
+    output is three-class, else binary (1).  Lower classes come first, so that where segments
+    overlap the more peripheral class wins.
+
+    Raises
+    ------
+    AirwayInputError
+        No airway segment; ``source`` names the segmentation in the message.
+    """
+    labels = [segment_label(segment) for segment in segments]
+    if len(segments) == 1 and labels[0] is None:
+        labels[0] = 0
+    airway = [index for index, label in enumerate(labels) if label is not None]
+    if not airway:
+        names = ", ".join(repr(segment.get("name", "?")) for segment in segments) or "none"
+        raise AirwayInputError(
+            f"{source} has no airway segment (segments: {names}); name the airway segment "
+            "'airway' or use our class names."
+        )
+    three_class = all(labels[index] for index in airway)
+    return [(index, labels[index] if three_class else 1) for index in sorted(airway, key=lambda i: labels[i] or 0)]
+
+
+def segment_label(segment: Mapping) -> int | None:
     """Our class label for a segment (by name, then terminology), 0 for other airway segments, None if not airway."""
     name = str(segment.get("name", "")).strip().lower()
     for airway_class in AIRWAY_CLASSES:
@@ -164,22 +193,10 @@ def read_segmentation(path: str | os.PathLike) -> Volume:
                 f"{path}: segment {segment.get('name', '?')!r} names layer {segment.get('layer')} "
                 f"but the file holds {voxels.shape[0]}; re-save it from Slicer."
             )
-    labels_for = {id(s): segment_label(s) for s in segments}
-    if len(segments) == 1 and labels_for[id(segments[0])] is None:
-        labels_for[id(segments[0])] = 0
-    airway_segments = [s for s in segments if labels_for[id(s)] is not None]
-    if not airway_segments:
-        names = ", ".join(repr(s.get("name", "?")) for s in segments) or "none"
-        raise AirwayInputError(
-            f"{path} has no airway segment (segments: {names}); name the airway segment "
-            "'airway' or use our class names."
-        )
-    three_class = all(labels_for[id(s)] for s in airway_segments)
     labels_ijk = np.zeros(voxels.shape[1:], dtype=np.uint8)
-    # Lower classes first so that, where segments overlap, the more peripheral class wins.
-    for segment in sorted(airway_segments, key=lambda s: labels_for[id(s)] or 0):
-        mask = voxels[segment.get("layer", 0)] == segment.get("labelValue", 1)
-        labels_ijk[mask] = labels_for[id(segment)] if three_class else 1
+    for index, value in airway_label_plan(segments, str(path)):
+        segment = segments[index]
+        labels_ijk[voxels[segment.get("layer", 0)] == segment.get("labelValue", 1)] = value
     geometry = Geometry.from_ijk_to_lps(segmentation["ijkToLPS"], str(path))
     return Volume(np.ascontiguousarray(labels_ijk.transpose(2, 1, 0)), geometry)
 
