@@ -76,7 +76,7 @@ from .data import (
     phantom_training_volume,
 )
 from .errors import AirwayInputError
-from .infer import autocast, predict_volume, resolve_precision
+from .infer import autocast, predict_volume, resolve_device, resolve_precision
 from .losses import (
     AttentionDistillationLoss,
     DeepTreeLoss,
@@ -147,9 +147,7 @@ def start_runtime(config: RuntimeConfig) -> Runtime:
     """The device and precision, joining the DDP process group when launched by ``torchrun``."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
-    if config.device == "cuda" and not torch.cuda.is_available():
-        raise AirwayInputError("runtime.device is cuda but no CUDA device is available; use auto or cpu.")
+    cuda = resolve_device(config.device).type == "cuda"
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
