@@ -1,8 +1,8 @@
 """Airway centerlines: extraction from a mask, exports (VTK, Slicer markups, tables) and routes.
 
 Extraction takes the largest component (holes filled) and its Lee skeleton from
-:func:`~AirwaySegmentationLib.tree.parse_airway_tree`, the same skeleton the class labels
-come from, and reads the branches from the skeleton's topology:
+:func:`~AirwaySegmentationLib.tree.airway_skeleton`, the same skeleton the tree parse and
+the class labels use, and reads the branches from the skeleton's topology:
 
 1. the skeleton's 26-neighbour graph becomes a tree by shortest paths (mm) from its most
    superior end voxel (the top of the trachea, by the image geometry); a branch runs from one
@@ -55,21 +55,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from xml.etree import ElementTree
 
-import edt
 import numpy as np
 from AirwaySegmentationLib import classes
-from AirwaySegmentationLib.arrays import as_airway_mask, bounding_box
+from AirwaySegmentationLib.arrays import as_airway_mask
 from AirwaySegmentationLib.errors import AirwayInputError
 from AirwaySegmentationLib.progress import ProgressCallback, report, sub_progress
 from AirwaySegmentationLib.tree import (
-    AirwayTree,
-    SkeletonGraph,
+    AirwaySkeleton,
+    airway_skeleton,
     lumen_radius_bias_mm,
     median_diameter_mm,
-    parse_airway_tree,
     ridge_radius_mm,
 )
-from AirwaySegmentationLib.volume import Geometry, atomic_output, atomic_outputs, read_label
+from AirwaySegmentationLib.volume import (
+    Geometry,
+    atomic_output,
+    atomic_outputs,
+    read_label,
+)
 from scipy.ndimage import gaussian_filter1d
 from scipy.sparse import csgraph
 from scipy.spatial import cKDTree
@@ -271,16 +274,10 @@ def extract_centerlines(
         raise AirwayInputError(
             "The airway mask is empty, so there are no centerlines; give a mask that holds an airway."
         )
-    parsed = parse_airway_tree(
-        mask,
-        geometry.spacing_zyx,
-        connectivity,
-        segmental_generation,
-        sub_progress(progress, 0.0, 0.8),
-        superior_zyx=geometry.superior_zyx,
-    )
+    report(progress, 0.0, "Thinning the airway to its skeleton")
+    skeleton = airway_skeleton(mask, geometry.spacing_zyx, connectivity)
     report(progress, 0.8, "Splitting the skeleton into branches")
-    branches = _skeleton_branches(parsed, geometry.superior_zyx)
+    branches = _skeleton_branches(skeleton, geometry.spacing_zyx, geometry.superior_zyx)
     branches = _breadth_first(_simplify(branches, geometry.spacing_zyx))
     spacing = np.asarray(geometry.spacing_zyx)
     for branch in branches:
@@ -300,7 +297,9 @@ def extract_centerlines(
     return tree
 
 
-def _skeleton_branches(parsed: AirwayTree, superior_zyx: Sequence[float]) -> list[_VoxelBranch]:
+def _skeleton_branches(
+    skeleton: AirwaySkeleton, spacing_zyx: Sequence[float], superior_zyx: Sequence[float]
+) -> list[_VoxelBranch]:
     """Branches of the parse's skeleton, read from its topology; ridge radius per voxel.
 
     The skeleton's 26-neighbour graph is turned into a tree by shortest paths (mm) from its
@@ -308,12 +307,10 @@ def _skeleton_branches(parsed: AirwayTree, superior_zyx: Sequence[float]) -> lis
     tree to the next split or to a tip.  Every child's path starts at its parent's last
     voxel, so the paths join.
     """
-    box = bounding_box(parsed.mask_zyx, pad=1)
-    offset = np.array([s.start for s in box])
+    offset = np.array([s.start for s in skeleton.box])
+    graph = skeleton.graph
     # The same distance map and ridge radius as the parse's lumen diameters.
-    distance_mm = edt.edt(parsed.mask_zyx[box], anisotropy=parsed.spacing_zyx, black_border=False, parallel=2)
-    graph = SkeletonGraph.of(parsed.skeleton_zyx[box], parsed.spacing_zyx)
-    radius_mm = ridge_radius_mm(distance_mm, graph.points) - lumen_radius_bias_mm(parsed.spacing_zyx)
+    radius_mm = ridge_radius_mm(skeleton.distance_mm, graph.points) - lumen_radius_bias_mm(spacing_zyx)
     adjacency = graph.adjacency()
     degree = np.diff(adjacency.indptr)
     height = graph.points @ np.asarray(superior_zyx, dtype=float)

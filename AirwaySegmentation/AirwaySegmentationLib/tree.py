@@ -264,23 +264,16 @@ def parse_airway_tree(
         spacing_zyx=spacing,
         trachea_id=None,
     )
-    report(0.0, "Selecting the largest airway component")
-    box = bounding_box(mask, pad=1)
-    if box is None:
+    report(0.0, "Selecting the largest airway component and thinning it to its skeleton")
+    skeleton_stage = airway_skeleton(mask, spacing, connectivity)
+    if skeleton_stage is None:
         report(1.0, "Empty airway mask")
         return tree
-    airway, box = _largest_filled_component(mask[box], box, connectivity)
+    box, airway, distance_mm, graph = (
+        skeleton_stage.box, skeleton_stage.airway, skeleton_stage.distance_mm, skeleton_stage.graph
+    )
     tree.mask_zyx[box] = airway
-
-    report(0.1, "Thinning the airway to its skeleton")
-    distance_mm = edt.edt(airway, anisotropy=spacing, black_border=False, parallel=2)
-    skeleton = skeletonize(airway)
-    if not skeleton.any():
-        # scikit-image's Lee thinning erases objects that thin down to an even width
-        # (scikit-image issue #3757); keep the most central voxel so the mask is one branch.
-        skeleton.flat[np.argmax(distance_mm)] = True
-    tree.skeleton_zyx[box] = skeleton
-    graph = SkeletonGraph.of(skeleton, spacing)
+    tree.skeleton_zyx[box] = skeleton_stage.skeleton
 
     report(0.4, "Splitting the skeleton into branches")
     piece_of_node = _skeleton_pieces(graph)
@@ -432,6 +425,54 @@ def covering_class_labels(
 
 
 # --- volume steps -----------------------------------------------------------------------
+
+
+@dataclass
+class AirwaySkeleton:
+    """The first stage of the parse: the airway's largest component, its distances and skeleton.
+
+    Attributes
+    ----------
+    box : tuple of 3 slice
+        Where the crop lies in the full grid (one background voxel around the component,
+        except at the image border).
+    airway : numpy.ndarray
+        bool crop: the largest component, holes filled.
+    distance_mm : numpy.ndarray
+        float crop: distance of each airway voxel to the wall in mm.
+    skeleton : numpy.ndarray
+        bool crop: the Lee skeleton (never empty).
+    graph : SkeletonGraph
+        The skeleton's voxels and 26-neighbour edges (crop coordinates).
+    """
+
+    box: tuple[slice, ...]
+    airway: np.ndarray
+    distance_mm: np.ndarray
+    skeleton: np.ndarray
+    graph: "SkeletonGraph"
+
+
+def airway_skeleton(mask_zyx: np.ndarray, spacing_zyx: Sequence[float], connectivity: int = 6) -> AirwaySkeleton | None:
+    """Largest component (holes filled), wall distances and Lee skeleton of an airway mask; None when empty.
+
+    Shared by :func:`parse_airway_tree` and the centerline extraction, so both read the same
+    skeleton.
+    """
+    mask = as_airway_mask(mask_zyx)
+    spacing = as_spacing_zyx(spacing_zyx)
+    check_connectivity(connectivity)
+    box = bounding_box(mask, pad=1)
+    if box is None:
+        return None
+    airway, box = _largest_filled_component(mask[box], box, connectivity)
+    distance_mm = edt.edt(airway, anisotropy=spacing, black_border=False, parallel=2)
+    skeleton = skeletonize(airway)
+    if not skeleton.any():
+        # scikit-image's Lee thinning erases objects that thin down to an even width
+        # (scikit-image issue #3757); keep the most central voxel so the mask is one branch.
+        skeleton.flat[np.argmax(distance_mm)] = True
+    return AirwaySkeleton(box, airway, distance_mm, skeleton, SkeletonGraph.of(skeleton, spacing))
 
 
 def _largest_filled_component(
