@@ -718,9 +718,9 @@ class AirwaySegmentationLogic(ScriptedLoadableModuleLogic):
         if scene is None:
             raise ValueError(f"The CT {inputVolume.GetName()!r} was removed from the scene; load it and run again.")
         name = f"{inputVolume.GetName()} airway"
-        segmentation = mrml.segmentation_node_from_labels(result.labels, scene, name, reference_node=inputVolume)
-        if outputSegmentation is not None and outputSegmentation is not segmentation:
-            segmentation = self._moveSegments(segmentation, outputSegmentation, inputVolume)
+        segmentation = mrml.segmentation_node_from_labels(
+            result.labels, scene, name, reference_node=inputVolume, node=outputSegmentation
+        )
         if showResult:
             segmentation.CreateClosedSurfaceRepresentation()
         probability = None
@@ -789,17 +789,6 @@ class AirwaySegmentationLogic(ScriptedLoadableModuleLogic):
         )
 
     # --- helpers ---------------------------------------------------------------------------
-
-    @staticmethod
-    def _moveSegments(source, target, referenceVolume):
-        """Give ``target`` the segments of ``source`` (which is removed); returns ``target``."""
-        # mrml.segmentation_node_from_labels always adds a node; copying its segmentation keeps
-        # the shared labelmap, names, colours and terminology in the node the user chose.
-        target.GetSegmentation().DeepCopy(source.GetSegmentation())
-        target.SetReferenceImageGeometryParameterFromVolumeNode(referenceVolume)
-        target.CreateDefaultDisplayNodes()
-        source.GetScene().RemoveNode(source)
-        return target
 
     @staticmethod
     def _showAsProbability(volumeNode) -> None:

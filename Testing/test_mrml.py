@@ -176,6 +176,18 @@ def _segments(node) -> dict:
     }
 
 
+def test_a_given_segmentation_node_is_refilled_not_added(scene) -> None:
+    labels = Volume(three_class_labels(), OBLIQUE)
+    mine = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "Mine")
+    mine.GetSegmentation().AddEmptySegment("old", "old painting")
+    before = scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode")
+    node = mrml.segmentation_node_from_labels(labels, scene, "ignored", node=mine)
+    assert node is mine and node.GetName() == "Mine"
+    assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == before
+    assert list(_segments(node)) == ["airway_class_1", "airway_class_2", "airway_class_3"]
+    np.testing.assert_array_equal(mrml.labels_from_segmentation_node(node, labels).array_zyx, labels.array_zyx)
+
+
 def test_segmentation_node_has_named_coloured_coded_segments(scene) -> None:
     labels = Volume(three_class_labels(), OBLIQUE)
     node = mrml.segmentation_node_from_labels(labels, scene, "Airway")

@@ -194,7 +194,9 @@ def node_from_volume(volume: Volume, scene: Any, name: str, node: Any = None, la
     return node
 
 
-def segmentation_node_from_labels(labels: Volume, scene: Any, name: str, reference_node: Any = None) -> Any:
+def segmentation_node_from_labels(
+    labels: Volume, scene: Any, name: str, reference_node: Any = None, node: Any = None
+) -> Any:
     """A segmentation node with one named, coloured, SNOMED-coded segment per airway class.
 
     The three segments (ids ``airway_class_1`` to ``airway_class_3``, present even when
@@ -214,6 +216,8 @@ def segmentation_node_from_labels(labels: Volume, scene: Any, name: str, referen
         The volume the labels were computed from: becomes the segmentation's reference
         geometry (the grid the Segment Editor paints on).  Without it the labels' own grid is
         the reference geometry.
+    node : vtkMRMLSegmentationNode, optional
+        A node to fill instead of adding one (its segments are replaced; its name is kept).
 
     Returns
     -------
@@ -232,8 +236,10 @@ def segmentation_node_from_labels(labels: Volume, scene: Any, name: str, referen
         raise AirwayInputError(
             f"The labels hold values {np.unique(unknown)[:5].tolist()} that are not airway classes; expected 0-3."
         )
-    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
+    if node is None:
+        node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
     segmentation = node.GetSegmentation()
+    segmentation.RemoveAllSegments()
     oriented_image = _mrml_class(segmentation, "vtkOrientedImageData")()
     labelmap = _image_from_voxels(np.ascontiguousarray(values, dtype=np.uint8), oriented_image)
     labelmap.SetImageToWorldMatrix(_vtk_matrix_from_array(_RAS_FROM_LPS @ labels.geometry.ijk_to_lps))
