@@ -537,7 +537,7 @@ class AirwaySegmentationLogic(ScriptedLoadableModuleLogic):
         """The catalogue's entries (name, file, default, description, cpu_seconds, gpu_seconds); maybe none."""
         from AirwaySegmentationLib.catalogue import catalogue  # torch-free: the list shows before torch is installed
 
-        return catalogue(modelsDir)
+        return catalogue(modelsDir, "segmentation")
 
     @staticmethod
     def modelTitle(entry: dict) -> str:

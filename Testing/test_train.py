@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import csv
 import json
 import os
 import pickle
@@ -30,7 +31,7 @@ from AirwaySegmentationLib.models import (
 )
 from AirwaySegmentationLib.networks import SegmentationOutput, build_network
 from AirwaySegmentationLib.progress import Cancelled
-from AirwaySegmentationLib.train import LOG_COLUMNS, TrainingLoss, train
+from AirwaySegmentationLib.train import TrainingLoss, train
 from AirwaySegmentationLib.train_config import (
     LossConfig,
     ScheduleConfig,
@@ -301,8 +302,8 @@ def test_extending_a_cosine_run_anneals_over_the_new_length(tmp_path) -> None:
 
     train(config(1), tmp_path)
     train(config(3), tmp_path)  # the run length may change on resume
-    rows = (tmp_path / "log.csv").read_text().splitlines()[1:]
-    lr = [float(row.split(",")[LOG_COLUMNS.index("lr")]) for row in rows]
+    with open(tmp_path / "log.csv", newline="") as stream:
+        lr = [float(row["lr"]) for row in csv.DictReader(stream)]
     # After epoch e of 3 (one iteration each) the next rate is lr * (1 + cos(pi e / 3)) / 2.
     assert lr[1:] == pytest.approx([1e-3 * (1 + np.cos(np.pi * e / 3)) / 2 for e in (2, 3)], abs=1e-6)
 

@@ -62,11 +62,15 @@ class AttentionBlob:
         Number of voxels above the threshold.
     peak : float
         Highest attention in the blob.
+    label : int
+        Its number in ``cc3d.connected_components(attention > threshold, connectivity)``
+        (:func:`blob_labels`), to find its voxels.
     """
 
     centre_zyx: tuple[int, int, int]
     size_voxels: int
     peak: float
+    label: int = 0
 
 
 def second_nearest_component_distance(
@@ -211,8 +215,7 @@ def find_attention_blobs(
         raise AirwayInputError(
             f"Expected a 3-D attention map but got an array with {attention.ndim} dimensions; give one 3-D volume."
         )
-    check_connectivity(connectivity)
-    labels, count = cc3d.connected_components(attention > threshold, connectivity=connectivity, return_N=True)
+    labels, count = blob_labels(attention, threshold, connectivity)
     if count == 0:
         return []
     flat = labels.ravel()
@@ -229,11 +232,18 @@ def find_attention_blobs(
     peaks = np.zeros(count + 1)
     np.maximum.at(peaks, blob, weight)
     blobs = [
-        AttentionBlob(tuple(int(v) for v in np.rint(centres[k])), int(sizes[k]), float(peaks[k]))
+        AttentionBlob(tuple(int(v) for v in np.rint(centres[k])), int(sizes[k]), float(peaks[k]), k)
         for k in range(1, count + 1)
         if sizes[k] >= min_voxels
     ]
     return sorted(blobs, key=lambda b: (-b.peak, -b.size_voxels))
+
+
+def blob_labels(attention_zyx: np.ndarray, threshold: float = 0.5, connectivity: int = 26) -> tuple[np.ndarray, int]:
+    """The blobs of ``attention > threshold`` as a label volume (``AttentionBlob.label``) and their count."""
+    check_connectivity(connectivity)
+    labels, count = cc3d.connected_components(np.asarray(attention_zyx) > threshold, connectivity=connectivity, return_N=True)
+    return labels, int(count)
 
 
 def _nearest_two_in_region(

@@ -5,8 +5,9 @@ catalogue lives apart from :mod:`~AirwaySegmentationLib.models` (which loads wei
 
 ``catalogue.json`` holds its schema and version, then one entry per model: ``name``, ``file``
 (``NAME.safetensors`` in the same folder, its model card ``NAME.json`` beside it),
-``default`` (bool), ``description`` and the expected ``cpu_seconds`` / ``gpu_seconds`` per
-chest CT (null until measured).  It lists no model until one is trained: no placeholder
+``default`` (bool, one per task), ``task`` ("segmentation", the default, or "connection" for
+stage 2), ``description`` and the expected ``cpu_seconds`` / ``gpu_seconds`` per chest CT
+(null until measured).  It lists no model until one is trained: no placeholder
 weights are shipped.
 """
 
@@ -25,11 +26,13 @@ BUNDLED_MODELS_DIR = Path(__file__).resolve().parents[2] / "Resources" / "Models
 CATALOGUE_FILE = "catalogue.json"
 
 
-def catalogue(models_dir: str | os.PathLike | None = None) -> list[dict]:
+def catalogue(models_dir: str | os.PathLike | None = None, task: str | None = None) -> list[dict]:
     """The bundled models listed in ``catalogue.json`` (possibly none).
 
     Each entry has ``name``, ``file`` (the ``.safetensors`` name, its card beside it),
-    ``default`` (bool) and ``cpu_seconds`` / ``gpu_seconds`` (expected time per CT, or null).
+    ``default`` (bool), ``task`` and ``cpu_seconds`` / ``gpu_seconds`` (expected time per CT,
+    or null).  ``task`` ("segmentation" or "connection") keeps that task's models only;
+    None keeps all.
     """
     path = Path(models_dir or BUNDLED_MODELS_DIR) / CATALOGUE_FILE
     try:
@@ -46,14 +49,15 @@ def catalogue(models_dir: str | os.PathLike | None = None) -> list[dict]:
         raise AirwayInputError(
             f"The model catalogue {path} is malformed; expected {{'models': [{{'name': ..., 'file': ...}}, ...]}}."
         )
-    return models
+    models = [{**entry, "task": entry.get("task", "segmentation")} for entry in models]
+    return models if task is None else [entry for entry in models if entry["task"] == task]
 
 
-def default_model_name(models_dir: str | os.PathLike | None = None) -> str:
-    """Name of the catalogue's default model (the first flagged ``default``, else the first)."""
-    models = catalogue(models_dir)
+def default_model_name(models_dir: str | os.PathLike | None = None, task: str = "segmentation") -> str:
+    """Name of the default model of a task (the first flagged ``default``, else the first)."""
+    models = catalogue(models_dir, task)
     if not models:
-        raise AirwayInputError("There is no bundled model yet; train one with airway train.")
+        raise AirwayInputError(f"There is no bundled {task} model yet; train one with airway train.")
     return next((entry for entry in models if entry.get("default")), models[0])["name"]
 
 

@@ -84,13 +84,19 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from .train_config import load_config
 
     config = load_config(args.config)
+    task = None  # stage 1
+    if config.task == "connection":
+        from AirwayRefineLib.connect_training import ConnectionTask
+
+        task = ConnectionTask()
     result = train(
         config, args.out, progress=TextProgressBar(), resume=not args.no_resume, init=args.init,
-        command=args.command_line,
+        command=args.command_line, task=task,
     )
     if int(os.environ.get("RANK", "0")) != 0:
         return 0  # under torchrun, rank 0 speaks for the run
-    score = "no validation volumes" if result.best_score is None else f"mean ATM'22 score {result.best_score:.2f}"
+    name = "reconnected - false bridges (%)" if config.task == "connection" else "mean ATM'22 score"
+    score = "no validation volumes" if result.best_score is None else f"{name} {result.best_score:.2f}"
     print(
         f"{result.epochs} epochs, {result.iterations} iterations; best model (epoch {result.best_epoch}, {score}) "
         f"-> {result.best_model}"
@@ -119,6 +125,31 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     for name, message in summary.failed:
         print(f"  failed: {name}: {message}", file=sys.stderr)
     return summary.exit_code
+
+
+def _connect_choice(text: str) -> str | list[int]:
+    """``--connect``: "all", "none" or comma-separated break ids."""
+    if text in ("all", "none"):
+        return text
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise AirwayInputError(f"--connect takes all, none or break ids like 1,3,4, not {text!r}.") from None
+
+
+def _cmd_refine(args: argparse.Namespace) -> int:
+    from AirwayRefineLib.refine import refine_file
+
+    settings = InferenceSettings(device=args.device, precision=args.precision, batch_size=args.batch_size, threads=args.threads)
+    result = refine_file(args.ct, args.labels, args.out, args.model, settings, connect=_connect_choice(args.connect),
+                         progress=TextProgressBar())
+    found = len(result.prediction.breaks)
+    print(
+        f"{result.prediction.components_before} components, {found} breaks found, "
+        f"{sum(b.connected for b in result.prediction.breaks)} bridged, {len(result.merged_ids)} merged; "
+        f"{result.components_after} components after the merge -> {args.out}"
+    )
+    return 0
 
 
 def _cmd_centerline(args: argparse.Namespace) -> int:
@@ -205,12 +236,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser(
         "train",
-        help="train a stage-1 airway network from a TOML configuration",
-        description="Train a stage-1 network (WingsNet, FR/AD U-Net, PWFR U-Net) on an ATM'22-layout folder "
-        "and/or synthetic phantoms as set in a TOML file (see Resources/Training/). Writes last.pt/last.json "
+        help="train a stage-1 airway network or the stage-2 connection network from a TOML configuration",
+        description="Train a stage-1 network (WingsNet, FR/AD U-Net, PWFR U-Net) or, with task = \"connection\", "
+        "the stage-2 breakage connection network (U-Net on CT + breakage attention patches) on an ATM'22-layout "
+        "folder and/or synthetic phantoms as set in a TOML file (see Resources/Training/). Writes last.pt/last.json "
         "(checkpoint, resumed automatically), log.csv, and best.safetensors + best.json (the best model on "
         "the validation volumes and its model card) into --out. Under torchrun it trains with DDP. "
-        "Python: AirwaySegmentationLib.train.load_config + train.",
+        "Python: AirwaySegmentationLib.train.load_config + train (task=AirwayRefineLib.connect_training.ConnectionTask() "
+        "for stage 2).",
     )
     train.add_argument("config", type=Path, help="training configuration (.toml)")
     train.add_argument("--out", required=True, type=Path, help="run folder (checkpoints, log, best model)")
@@ -236,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     segment.add_argument("--out", required=True, type=Path, help="output folder")
     segment.add_argument("--model", default=None, help="bundled model name or .safetensors path (default: the default model)")
-    segment.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
+    _add_engine_arguments(segment)
     defaults = InferenceSettings()
     segment.add_argument(
         "--overlap", type=float, default=defaults.overlap,
@@ -248,13 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
         "CT (default %(default)s; 0: training patch only)",
     )
     segment.add_argument("--blending", choices=BLENDINGS, default=defaults.blending)
-    segment.add_argument("--precision", choices=PRECISIONS, default=defaults.precision)
-    segment.add_argument(
-        "--batch-size", type=int, default=None,
-        help=f"windows per forward pass (default: 1 on CPU, {CUDA_BATCH_SIZE} on CUDA)",
-    )
     segment.add_argument("--mirror", action="store_true", help="test-time mirroring over 3 axes (8x slower)")
-    segment.add_argument("--threads", type=int, default=None, help="CPU threads (default: one per physical core)")
     segment.add_argument("--probability", action="store_true", help="also write the airway probability (float32 file)")
     segment.add_argument(
         "--all-components", action="store_true",
@@ -266,6 +293,27 @@ def build_parser() -> argparse.ArgumentParser:
         run=_cmd_segment,
         interrupted="finished cases are kept and skipped when the same command runs again",
     )
+    refine = commands.add_parser(
+        "refine",
+        help="stage 2: find and connect the breaks of stage-1 labels",
+        description="Compute the breakage attention of stage-1 labels (DeepTree: second-nearest component distance, "
+        "sigmoid(5 - H)), predict a bridge at each break with the connection network (64^3 CT + attention "
+        "patches), merge the bridges and keep the largest component. Writes labels.nii.gz (refined), "
+        "attention.nii.gz and breaks.json (id, LPS position, gap, components, confidence, connected, merged). "
+        "Give labels with all their components (airway segment --all-components): a single component has no "
+        "breaks. Python: AirwayRefineLib.refine.refine_file / refine_ct.",
+    )
+    refine.add_argument("--ct", required=True, type=Path, help="the CT (file or DICOM folder)")
+    refine.add_argument("--labels", required=True, type=Path, help="its stage-1 labels (.nii.gz, .nrrd, .seg.nrrd)")
+    refine.add_argument("--out", required=True, type=Path, help="output folder")
+    refine.add_argument("--model", default=None, help="connection model name or .safetensors path (default: the bundled one)")
+    refine.add_argument(
+        "--connect", default="all",
+        help="breaks to merge: all (every bridged break, default), none (only list them), or ids like 1,3,4",
+    )
+    _add_engine_arguments(refine)
+    refine.set_defaults(run=_cmd_refine)
+
     centerline = commands.add_parser(
         "centerline",
         help="centerlines of an airway mask for planning tools",
@@ -290,6 +338,17 @@ def build_parser() -> argparse.ArgumentParser:
     route.add_argument("--out", required=True, type=Path, help="output folder")
     route.set_defaults(run=_cmd_route)
     return parser
+
+
+def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    """Device, precision, batch and thread options shared by the commands that run a network."""
+    parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
+    parser.add_argument("--precision", choices=PRECISIONS, default=InferenceSettings().precision)
+    parser.add_argument(
+        "--batch-size", type=int, default=None,
+        help=f"windows or patches per forward pass (default: 1 on CPU, {CUDA_BATCH_SIZE} on CUDA)",
+    )
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: one per physical core)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -506,9 +506,59 @@ class SlidingWindow:
         crop = (slice(None),) + tuple(slice(0, n) for n in tiling.volume_zyx)
         return WindowSums(sums[crop], tiling, self.settings.blending, self.device, self.dtype)
 
+    def predict_patches(
+        self,
+        patches_nczyx: np.ndarray,
+        progress: ProgressCallback | None = None,
+        cancel: CancelToken | None = None,
+    ) -> np.ndarray:
+        """Class probabilities of separate patches (no blending), in batches of the settings' size.
+
+        Used by stage 2, whose patches lie at breaks rather than on a grid.  Out-of-memory
+        handling and cancelling are those of :meth:`run`.
+
+        Parameters
+        ----------
+        patches_nczyx : numpy.ndarray
+            float32 network inputs ``(N, C, D, H, W)``.
+        progress : callable, optional
+            ``progress(fraction, message)`` after each batch.
+        cancel : CancelToken, optional
+            Checked before each batch.
+
+        Returns
+        -------
+        numpy.ndarray
+            float32 ``(N, classes, D, H, W)``.
+        """
+        patches = torch.from_numpy(np.ascontiguousarray(patches_nczyx, dtype=np.float32))
+        out: np.ndarray | None = None
+        done = 0
+        with cpu_threads(self.settings.threads), torch.inference_mode():
+            while done < len(patches):
+                if cancel is not None and cancel.is_set():
+                    raise Cancelled("Prediction cancelled.")
+                batch = patches[done : done + self.batch_size]
+                try:
+                    probabilities = self._predict_batch(batch).float().cpu().numpy()
+                except torch.cuda.OutOfMemoryError:
+                    probabilities = None
+                if probabilities is None:
+                    self._shrink_after_out_of_memory(progress, done / len(patches))
+                    continue
+                if out is None:
+                    out = np.empty((len(patches),) + probabilities.shape[1:], dtype=np.float32)
+                out[done : done + len(batch)] = probabilities
+                done += len(batch)
+                report(progress, done / len(patches), f"Predicted patch {done} of {len(patches)}")
+        return np.empty((0,) + patches.shape[1:], dtype=np.float32) if out is None else out
+
     def _predict(self, image: torch.Tensor, boxes: Sequence[Box]) -> torch.Tensor:
         """Class probabilities (float32, on the device) of a batch of windows."""
-        batch = torch.stack([image[(slice(None),) + box] for box in boxes])
+        return self._predict_batch(torch.stack([image[(slice(None),) + box] for box in boxes]))
+
+    def _predict_batch(self, batch: torch.Tensor) -> torch.Tensor:
+        """Class probabilities (float32, on the device) of a stacked batch ``(N, C, D, H, W)``."""
         if self.device.type == "cuda":
             batch = batch.pin_memory().to(self.device, non_blocking=True)
         batch = batch.contiguous(memory_format=self.memory_format)

@@ -230,7 +230,8 @@ def bundle_model(
     The weights are loaded (SHA-256 checked) and re-exported under the new name, so the card's
     ``weights_file`` and ``sha256`` describe the bundled file; the training section of the card
     is kept, ``card_additions`` (e.g. held-out test metrics) are merged in.  An entry of the
-    same name is replaced; ``default=True`` takes the default flag from every other entry.
+    same name is replaced; ``default=True`` takes the default flag from every other entry of
+    the same task (the card's ``task``: "segmentation" when it has none, or "connection").
 
     Parameters
     ----------
@@ -269,10 +270,11 @@ def bundle_model(
     path = folder / CATALOGUE_FILE
     entries = [entry for entry in catalogue(folder) if entry["name"] != name]  # checks the file's form
     data = json.loads(path.read_text()) if path.is_file() else {"catalogue_version": CARD_VERSION, "models": []}
+    task = card.get("task", "segmentation")
     if default:
-        entries = [{**entry, "default": False} for entry in entries]
+        entries = [{**entry, "default": False} if entry["task"] == task else entry for entry in entries]
     entries.append(
-        {"name": name, "file": weights.name, "default": default, "description": description,
+        {"name": name, "file": weights.name, "default": default, "task": task, "description": description,
          "cpu_seconds": cpu_seconds, "gpu_seconds": gpu_seconds}
     )
     data["models"] = entries

@@ -93,18 +93,25 @@ class SegmentationModel:
         return {"source": self.source, "architecture": self.card.get("architecture"), "sha256": self.card.get("sha256")}
 
 
-def load_segmentation_model(model: str | os.PathLike | None = None) -> SegmentationModel:
-    """Load a bundled model by name (None: the catalogue's default) or a model file by path.
+def load_segmentation_model(model: str | os.PathLike | None = None, task: str = "segmentation") -> SegmentationModel:
+    """Load a bundled model by name (None: the catalogue's default for ``task``) or a model file by path.
+
+    ``task`` is "segmentation" (stage 1) or "connection" (the stage-2 breakage connection
+    network); a model card of the other task is refused.
 
     Raises
     ------
     AirwayInputError
-        No bundled model and none given, a card without ``input_spec`` or
-        ``patch_size_zyx``, or a card asking for resampling (the engine predicts on the CT's
-        own grid, as all models trained here are).
+        No bundled model and none given, a model of another task, a card without
+        ``input_spec`` or ``patch_size_zyx``, or a card asking for resampling (the engine
+        predicts on the CT's own grid, as all models trained here are).
     """
-    source = str(model) if model is not None else default_model_name()
+    source = str(model) if model is not None else default_model_name(task=task)
     network, card = load_model(source)
+    if card.get("task", "segmentation") != task:
+        raise AirwayInputError(
+            f"The model {source} is a {card.get('task', 'segmentation')} model, not a {task} model; give a {task} model."
+        )
     if "input_spec" not in card or "patch_size_zyx" not in card:
         raise AirwayInputError(f"The model card of {source} lacks input_spec or patch_size_zyx; export it with airway train.")
     spec = InputSpec.from_dict(card["input_spec"])

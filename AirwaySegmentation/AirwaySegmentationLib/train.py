@@ -1,6 +1,10 @@
-"""Stage-1 training: a TOML configuration, a resumable loop, DDP, mixed precision, export.
+"""Training: a TOML configuration, a resumable loop, DDP, mixed precision, export.
 
-The recipe is METHODS.md section 5 (Tang; Qin; Zheng): 128^3 crops drawn at random, where
+The loop is shared by the stage-1 networks (:class:`SegmentationTask`, the default) and the
+stage-2 breakage connection network (``AirwayRefineLib.connect_training.ConnectionTask``): a
+:class:`TrainingTask` gives the data, the patches and the validation, the loop does the rest.
+
+The stage-1 recipe is METHODS.md section 5 (Tang; Qin; Zheng): 128^3 crops drawn at random, where
 the model misses (hard mining) and on small airways; AdamW at lr 1e-4; the union loss
 scheduled from plain Dice to the local-imbalance weight to local-imbalance plus
 centerline-distance weight; group supervision of every output the network gives
@@ -20,8 +24,8 @@ Outputs in ``out_dir``:
   losses, validation metrics, learning rate, seconds), written after ``last.pt`` for people
   and tools; a resume never reads them.  TensorBoard event files too when ``tensorboard``
   is installed.
-- ``best.safetensors`` + ``best.json``: the model with the best mean ATM'22 score on the
-  validation volumes and its model card (:func:`~AirwaySegmentationLib.models.export_model`).
+- ``best.safetensors`` + ``best.json``: the model with the best validation score (the mean
+  ATM'22 score of the validation volumes for stage 1) and its model card (:func:`~AirwaySegmentationLib.models.export_model`).
 
 Resume: :func:`train` continues from ``last.pt`` after a kill, from the start of the epoch
 after the last one saved.  Every random source (patches, augmentation, dropout, the loss's
@@ -66,7 +70,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, IterableDataset
 
 from .data import (
     TrainingVolume,
@@ -102,10 +106,10 @@ from .tree import parse_airway_tree
 from .volume import atomic_output, atomic_outputs
 
 CHECKPOINT_VERSION = 2
-LOG_COLUMNS = (
-    "epoch", "iteration", "phase", "loss", "loss_main", "loss_aux", "loss_distillation",
-    "td", "bd", "dsc", "precision", "atm22_score", "lr", "seconds_per_iteration", "seconds",
-)
+#: Columns of ``log.csv`` before the task's validation metrics (:attr:`TrainingTask.metric_names`).
+LOG_COLUMNS = ("epoch", "iteration", "phase", "loss", "loss_main", "loss_aux", "loss_distillation")
+#: Columns of ``log.csv`` after them.
+LOG_TAIL_COLUMNS = ("lr", "seconds_per_iteration", "seconds")
 
 
 # --------------------------------------------------------------------------------------
@@ -250,6 +254,8 @@ class TrainingLoss(nn.Module):
             phases = [(DeepTreeLoss(class_loss, union_loss), key) for union_loss, key in phases]
         elif self.config.name == "dice_focal":
             phases = [(DiceFocalLoss(), None)] * 3
+        elif self.config.name == "dice_ce":
+            phases = [(DiceFocalLoss(gamma=0.0, eps=1e-5), None)] * 3
         self.phases = phases
         self.distillation = (
             AttentionDistillationLoss(alpha=config.distillation_weight, channel=config.distillation_channel)
@@ -284,31 +290,138 @@ class TrainingLoss(nn.Module):
 
 
 # --------------------------------------------------------------------------------------
-# Validation and hard mining
+# Tasks: what is trained (the loop knows none in particular)
 # --------------------------------------------------------------------------------------
 
 
-@dataclass
-class _Validator:
-    """Validation volumes with their reference trees parsed once."""
+class TrainingTask:
+    """One kind of training the loop runs: its data, its patches, its validation.
 
-    volumes: list[TrainingVolume]
-    trees: list = field(default_factory=list)
+    The loop (:func:`train`) owns the model, optimizer, schedule, precision, DDP, checkpoints
+    and logs; a task owns everything that depends on what is learnt.  :class:`SegmentationTask`
+    (stage 1) is the default; the breakage connection network of stage 2 is
+    ``AirwayRefineLib.connect_training.ConnectionTask``.
 
-    def __post_init__(self) -> None:
-        self.trees = [parse_airway_tree(v.labels3 > 0, v.spacing_zyx, connectivity=6) for v in self.volumes]
+    Attributes
+    ----------
+    metric_names : tuple of str
+        What :meth:`validate` returns, in ``log.csv``'s column order.
+    score_name : str
+        The metric that picks the best model (higher is better).
+    output_description : str
+        The model card's ``output`` entry.
+    input_spec : InputSpec
+        How the CT becomes input channels, unless a fine-tuned model brings its own.
+    """
 
-    def __call__(self, model: nn.Module, config: TrainConfig, spec: InputSpec, runtime: Runtime) -> dict[str, float]:
-        """Mean TD, BD, DSC, precision and ATM'22 score (percent) over the validation volumes."""
+    metric_names: tuple[str, ...] = ()
+    score_name: str = ""
+    output_description: str = ""
+    input_spec: InputSpec = DEFAULT_INPUT_SPEC
+
+    def load(self, config: TrainConfig, runtime: Runtime, progress: ProgressCallback | None) -> None:
+        """Load or build the training and (on the main process) validation data, once per run."""
+        raise NotImplementedError
+
+    def dataset(self, config: TrainConfig, spec: InputSpec, seed: int) -> IterableDataset:
+        """The patch stream of one process: ``config.schedule.iterations_per_epoch * batch_size``
+        dicts of tensors (``"image"``, ``"labels"`` and the loss weights) per epoch; it has
+        ``set_epoch(epoch)``, which reseeds it."""
+        raise NotImplementedError
+
+    @property
+    def validates(self) -> bool:
+        """Whether there are validation data (without, the newest model is kept as the best)."""
+        raise NotImplementedError
+
+    def validate(self, model: nn.Module, config: TrainConfig, spec: InputSpec, runtime: Runtime) -> dict[str, float]:
+        """The :attr:`metric_names` of ``model`` on the validation data (main process only)."""
+        raise NotImplementedError
+
+    def mine(self, model: nn.Module, config: TrainConfig, spec: InputSpec, runtime: Runtime) -> list[np.ndarray] | None:
+        """Hard-mining state from the current model (every ``sampling.hard_mining_every``
+        epochs), as bit-packed uint8 arrays the checkpoint keeps; None: the task mines nothing."""
+        return None
+
+    def use_mined(self, dataset: IterableDataset, packed: Sequence[np.ndarray]) -> None:
+        """Give ``dataset`` the state :meth:`mine` returned (also after a resume)."""
+
+    def card(self, config: TrainConfig) -> dict:
+        """Model-card entries of this task besides the architecture, input spec and training."""
+        return {"patch_size_zyx": list(config.sampling.patch_size_zyx), "output": self.output_description}
+
+
+class SegmentationTask(TrainingTask):
+    """Stage 1: three-class airway segmentation, validated by the ATM'22 score.
+
+    Data: :func:`load_training_volumes`; patches: :class:`~AirwaySegmentationLib.sampling.PatchDataset`
+    (random, hard-mining and small-airway crops); validation: sliding-window prediction of the
+    validation volumes, mean TD, BD, DSC, precision and ATM'22 score (percent); hard mining:
+    ``label & ~prediction`` of every training volume.
+    """
+
+    metric_names = ("td", "bd", "dsc", "precision", "atm22_score")
+    score_name = "atm22_score"
+    output_description = "logits (N, 4, D, H, W): background, trachea + main bronchi, lobar to segmental, smaller"
+
+    def __init__(self) -> None:
+        self.train_volumes: list[TrainingVolume] = []
+        self.validation_volumes: list[TrainingVolume] = []
+        self.trees: list = []
+
+    def load(self, config: TrainConfig, runtime: Runtime, progress: ProgressCallback | None) -> None:
+        self.train_volumes, self.validation_volumes = load_training_volumes(config.data, progress)
+        if runtime.is_main:
+            self.trees = [parse_airway_tree(v.labels3 > 0, v.spacing_zyx, connectivity=6) for v in self.validation_volumes]
+
+    def dataset(self, config: TrainConfig, spec: InputSpec, seed: int) -> PatchDataset:
+        return PatchDataset(
+            self.train_volumes,
+            PatchSampler(config.sampling.patch_size_zyx, config.sampling.crop_mix),
+            Augmentation() if config.sampling.augmentation else None,
+            spec,
+            seed=seed,
+            n_patches=config.schedule.iterations_per_epoch * config.sampling.batch_size,
+        )
+
+    @property
+    def validates(self) -> bool:
+        return bool(self.validation_volumes)
+
+    def validate(self, model: nn.Module, config: TrainConfig, spec: InputSpec, runtime: Runtime) -> dict[str, float]:
         scores = []
-        for volume, tree in zip(self.volumes, self.trees):
+        for volume, tree in zip(self.validation_volumes, self.trees):
             classes = _predict(model, volume, config, spec, runtime)
             metrics = evaluate_airway(
                 classes > 0, volume.labels3 > 0, volume.spacing_zyx, "atm22",
                 gt_classes_zyx=volume.labels3, gt_tree=tree, pred_classes_zyx=classes,
             )
             scores.append([metrics.td, metrics.bd, metrics.dsc, metrics.precision, metrics.atm22_score])
-        return dict(zip(("td", "bd", "dsc", "precision", "atm22_score"), np.mean(scores, axis=0).tolist()))
+        return dict(zip(self.metric_names, np.mean(scores, axis=0).tolist()))
+
+    def mine(self, model: nn.Module, config: TrainConfig, spec: InputSpec, runtime: Runtime) -> list[np.ndarray]:
+        """Hard-mining masks ``label & ~prediction`` of every training volume, shared by all ranks.
+
+        Bit-packed (``np.packbits`` of the flattened mask, uint8): the form they travel
+        between ranks and are stored in the checkpoint in.
+        """
+        volumes = self.train_volumes
+        mine = {}
+        for index in range(runtime.rank, len(volumes), runtime.world_size):
+            volume = volumes[index]
+            missed = (volume.labels3 > 0) & (_predict(model, volume, config, spec, runtime) == 0)
+            mine[index] = np.packbits(missed)
+        if runtime.distributed:
+            gathered: list[dict] = [{} for _ in range(runtime.world_size)]
+            dist.all_gather_object(gathered, mine)
+            mine = {index: bits for part in gathered for index, bits in part.items()}
+        return [mine[i] for i in range(len(volumes))]
+
+    def use_mined(self, dataset: PatchDataset, packed: Sequence[np.ndarray]) -> None:
+        dataset.set_miss_masks([
+            np.unpackbits(bits, count=v.labels3.size).reshape(v.labels3.shape).astype(bool)
+            for bits, v in zip(packed, self.train_volumes)
+        ])
 
 
 def _predict(model: nn.Module, volume: TrainingVolume, config: TrainConfig, spec: InputSpec, runtime: Runtime) -> np.ndarray:
@@ -319,31 +432,6 @@ def _predict(model: nn.Module, volume: TrainingVolume, config: TrainConfig, spec
     ).labels()
     model.train()
     return labels
-
-
-def _miss_masks(
-    model: nn.Module, volumes: Sequence[TrainingVolume], config: TrainConfig, spec: InputSpec, runtime: Runtime
-) -> list[np.ndarray]:
-    """Hard-mining masks ``label & ~prediction`` of every training volume, shared by all ranks.
-
-    Returned bit-packed (``np.packbits`` of the flattened mask, uint8): the form they travel
-    between ranks and are stored in the checkpoint in; :func:`_unpack_masks` restores them.
-    """
-    mine = {}
-    for index in range(runtime.rank, len(volumes), runtime.world_size):
-        volume = volumes[index]
-        missed = (volume.labels3 > 0) & (_predict(model, volume, config, spec, runtime) == 0)
-        mine[index] = np.packbits(missed)
-    if runtime.distributed:
-        gathered: list[dict] = [{} for _ in range(runtime.world_size)]
-        dist.all_gather_object(gathered, mine)
-        mine = {index: bits for part in gathered for index, bits in part.items()}
-    return [mine[i] for i in range(len(volumes))]
-
-
-def _unpack_masks(packed: Sequence[np.ndarray], volumes: Sequence[TrainingVolume]) -> list[np.ndarray]:
-    """The boolean masks of :func:`_miss_masks`'s packed ones, on each volume's grid."""
-    return [np.unpackbits(bits, count=v.labels3.size).reshape(v.labels3.shape).astype(bool) for bits, v in zip(packed, volumes)]
 
 
 # --------------------------------------------------------------------------------------
@@ -362,7 +450,7 @@ class TrainState:
     iteration : int
         Optimizer steps done.
     best_score : float or None
-        Best mean ATM'22 score so far (None: not validated yet).
+        Best validation score so far (the task's ``score_name``; None: not validated yet).
     best_epoch : int or None
         The epoch (1-based) that gave it.
     log : list of dict
@@ -394,7 +482,8 @@ class _Checkpoint(NamedTuple):
 
 
 def _save_checkpoint(
-    out_dir: Path, tensors: dict[str, Any], state: TrainState, config: TrainConfig, spec: InputSpec, world_size: int
+    out_dir: Path, tensors: dict[str, Any], state: TrainState, config: TrainConfig, spec: InputSpec, world_size: int,
+    columns: Sequence[str],
 ) -> None:
     """``last.pt`` (the commit point), then ``last.json`` and ``log.csv`` derived from it."""
     sidecar = json.dumps({
@@ -410,10 +499,14 @@ def _save_checkpoint(
         stream.flush()
         # The rename must not reach the disk before the data: a crash would leave an empty last.pt.
         os.fsync(stream.fileno())
-    _write_copies(out_dir, sidecar, state.log)
+    _write_copies(out_dir, sidecar, state.log, columns)
 
 
-def _write_copies(out_dir: Path, sidecar: str, log: list[dict]) -> None:
+def _log_columns(task: TrainingTask) -> tuple[str, ...]:
+    return LOG_COLUMNS + task.metric_names + LOG_TAIL_COLUMNS
+
+
+def _write_copies(out_dir: Path, sidecar: str, log: list[dict], columns: Sequence[str]) -> None:
     """``last.json`` and ``log.csv`` from the checkpoint's sidecar and log rows.
 
     A kill before they are renamed leaves them one epoch behind ``last.pt``, which is harmless:
@@ -423,7 +516,7 @@ def _write_copies(out_dir: Path, sidecar: str, log: list[dict]) -> None:
     with atomic_outputs([json_path, csv_path]) as (json_tmp, csv_tmp):
         json_tmp.write_text(sidecar)
         with open(csv_tmp, "w", newline="") as stream:
-            writer = csv.DictWriter(stream, fieldnames=LOG_COLUMNS)
+            writer = csv.DictWriter(stream, fieldnames=columns)
             writer.writeheader()
             writer.writerows(log)
 
@@ -492,7 +585,7 @@ class TrainResult:
     best_model : pathlib.Path
         ``best.safetensors`` (its card ``best.json`` beside it).
     best_score : float or None
-        Its mean validation ATM'22 score (None without validation volumes: the last model).
+        Its validation score (the task's ``score_name``; None without validation data: the last model).
     best_epoch : int
         1-based epoch of the best model.
     epochs : int
@@ -547,13 +640,12 @@ def _lr_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, iterati
 
 def _export_best(
     model: nn.Module, out_dir: Path, config: TrainConfig, spec: InputSpec, state: TrainState,
-    metrics: dict[str, float], command: str | None,
+    metrics: dict[str, float], command: str | None, task: TrainingTask,
 ) -> Path:
     card = {
         "architecture": {"name": config.network.name, "kwargs": config.network.kwargs},
         "input_spec": spec.as_dict(),
-        "patch_size_zyx": list(config.sampling.patch_size_zyx),
-        "output": "logits (N, 4, D, H, W): background, trachea + main bronchi, lobar to segmental, smaller",
+        **task.card(config),
         "training": {
             "data": config.data.description(),
             "command": command,
@@ -574,8 +666,9 @@ def train(
     resume: bool = True,
     init: str | os.PathLike | None = None,
     command: str | None = None,
+    task: TrainingTask | None = None,
 ) -> TrainResult:
-    """Train a stage-1 network as configured, resuming from ``out_dir/last.pt`` if there is one.
+    """Train a network as configured, resuming from ``out_dir/last.pt`` if there is one.
 
     Parameters
     ----------
@@ -593,15 +686,18 @@ def train(
         the configured one and its input spec is kept.  Ignored when resuming.
     command : str, optional
         The command line, recorded in the model card.
+    task : TrainingTask, optional
+        What is trained; default :class:`SegmentationTask` (stage 1).
 
     Returns
     -------
     TrainResult
     """
     out_dir = Path(out_dir)
+    task = SegmentationTask() if task is None else task
     runtime = start_runtime(config.runtime)
     try:
-        return _train(config, out_dir, progress if runtime.is_main else None, resume, init, command, runtime)
+        return _train(config, out_dir, progress if runtime.is_main else None, resume, init, command, runtime, task)
     finally:
         if runtime.owns_process_group:
             dist.destroy_process_group()
@@ -609,12 +705,12 @@ def train(
 
 def _train(
     config: TrainConfig, out_dir: Path, progress: ProgressCallback | None, resume: bool,
-    init: str | os.PathLike | None, command: str | None, runtime: Runtime,
+    init: str | os.PathLike | None, command: str | None, runtime: Runtime, task: TrainingTask,
 ) -> TrainResult:
     torch.manual_seed(config.seed)  # the same initial weights on every rank
     model = build_network(config.network.name, **config.network.kwargs)
     checkpoint = _load_checkpoint(out_dir, config) if resume else None
-    spec = DEFAULT_INPUT_SPEC
+    spec = task.input_spec
     if checkpoint is None and init is not None:
         spec = _init_model(model, init, config)
     memory_format = torch.channels_last_3d if config.runtime.channels_last else torch.contiguous_format
@@ -629,22 +725,14 @@ def _train(
         optimizer.load_state_dict(tensors["optimizer"])
         scaler.load_state_dict(tensors["scaler"])
         if runtime.is_main:
-            _write_copies(out_dir, tensors["sidecar"], state.log)
+            _write_copies(out_dir, tensors["sidecar"], state.log, _log_columns(task))
     scheduler = _lr_scheduler(optimizer, config, state.iteration)
 
-    train_volumes, validation_volumes = load_training_volumes(config.data, progress)
-    validator = _Validator(validation_volumes) if runtime.is_main else None
-    dataset = PatchDataset(
-        train_volumes,
-        PatchSampler(config.sampling.patch_size_zyx, config.sampling.crop_mix),
-        Augmentation() if config.sampling.augmentation else None,
-        spec,
-        seed=_seed(config, runtime, 0, 0),
-        n_patches=config.schedule.iterations_per_epoch * config.sampling.batch_size,
-    )
+    task.load(config, runtime, progress)
+    dataset = task.dataset(config, spec, _seed(config, runtime, 0, 0))
     if packed_masks is not None:
         # The masks of the last mining pass, not new ones from the resumed model: as in the uninterrupted run.
-        dataset.set_miss_masks(_unpack_masks(packed_masks, train_volumes))
+        task.use_mined(dataset, packed_masks)
     loss_fn = TrainingLoss(config.loss, config.schedule)
     core = model
     if runtime.distributed:
@@ -659,9 +747,11 @@ def _train(
             started = time.perf_counter()
             # A resumed run has the masks of the last pass (hard_mining_every cannot change on resume).
             if every and epoch >= every and epoch % every == 0:
-                report(progress, state.iteration / total, f"epoch {epoch + 1}: hard mining on {len(train_volumes)} volumes")
-                packed_masks = _miss_masks(core, train_volumes, config, spec, runtime)
-                dataset.set_miss_masks(_unpack_masks(packed_masks, train_volumes))
+                report(progress, state.iteration / total, f"epoch {epoch + 1}: hard mining")
+                mined = task.mine(core, config, spec, runtime)
+                if mined is not None:
+                    packed_masks = mined
+                    task.use_mined(dataset, packed_masks)
             steps_started = time.perf_counter()
             dataset.set_epoch(epoch)
             torch.manual_seed(_seed(config, runtime, epoch, 1))
@@ -699,7 +789,7 @@ def _train(
             mean_loss = float(sums[0] / max(steps, 1))
             state.epoch = epoch + 1
             if runtime.is_main:
-                _finish_epoch(core, out_dir, config, spec, runtime, state, validator, sums / max(steps, 1),
+                _finish_epoch(core, out_dir, config, spec, runtime, state, task, sums / max(steps, 1),
                               steps, train_seconds, started, optimizer, scheduler, scaler, packed_masks, writer,
                               command, progress)
             _barrier(runtime)
@@ -712,28 +802,28 @@ def _train(
 
 def _finish_epoch(
     model: nn.Module, out_dir: Path, config: TrainConfig, spec: InputSpec, runtime: Runtime, state: TrainState,
-    validator: _Validator, means: np.ndarray, steps: int, train_seconds: float, started: float,
+    task: TrainingTask, means: np.ndarray, steps: int, train_seconds: float, started: float,
     optimizer: torch.optim.Optimizer, scheduler, scaler, packed_masks: list[np.ndarray] | None, writer,
     command: str | None, progress: ProgressCallback | None,
 ) -> None:
     """Rank 0 at the end of an epoch: validate, keep the best model, log, checkpoint."""
     metrics: dict[str, float] = {}
-    if validator.volumes:
-        report(progress, state.iteration / config.schedule.total_iterations,
-               f"epoch {state.epoch}: validating on {len(validator.volumes)} volumes")
-        metrics = validator(model, config, spec, runtime)
-    improved = bool(metrics) and (state.best_score is None or metrics["atm22_score"] > state.best_score)
-    # Without validation volumes the newest model is the one to keep.
-    if improved or not validator.volumes:
-        state.best_score = metrics.get("atm22_score")
+    if task.validates:
+        report(progress, state.iteration / config.schedule.total_iterations, f"epoch {state.epoch}: validating")
+        metrics = task.validate(model, config, spec, runtime)
+        model.train()
+    improved = bool(metrics) and (state.best_score is None or metrics[task.score_name] > state.best_score)
+    # Without validation data the newest model is the one to keep.
+    if improved or not task.validates:
+        state.best_score = metrics.get(task.score_name)
         state.best_epoch = state.epoch
-        _export_best(model, out_dir, config, spec, state, metrics, command)
+        _export_best(model, out_dir, config, spec, state, metrics, command, task)
     row = {
         "epoch": state.epoch,
         "iteration": state.iteration,
         "phase": config.schedule.phase(state.iteration - 1),
         "loss": means[0], "loss_main": means[1], "loss_aux": means[2], "loss_distillation": means[3],
-        **{key: metrics.get(key, "") for key in ("td", "bd", "dsc", "precision", "atm22_score")},
+        **{key: metrics.get(key, "") for key in task.metric_names},
         "lr": scheduler.get_last_lr()[0],
         "seconds_per_iteration": train_seconds / max(steps, 1),
         "seconds": time.perf_counter() - started,
@@ -750,4 +840,4 @@ def _finish_epoch(
     }
     if packed_masks is not None:
         tensors["miss_masks"] = [torch.from_numpy(bits) for bits in packed_masks]
-    _save_checkpoint(out_dir, tensors, state, config, spec, runtime.world_size)
+    _save_checkpoint(out_dir, tensors, state, config, spec, runtime.world_size, _log_columns(task))

@@ -2,7 +2,8 @@
 
 One TOML table per :class:`TrainConfig` field (``[network]``, ``[data]``,
 ``[data.phantoms]``, ``[sampling]``, ``[optimizer]``, ``[schedule]``, ``[loss]``,
-``[validation]``, ``[runtime]``) plus the top-level ``seed``; the attributes of each
+``[validation]``, ``[runtime]``, and for stage 2 ``[connection]``) plus the top-level
+``seed`` and ``task``; the attributes of each
 dataclass below are its keys, and a key left out takes the default shown.  Unknown keys,
 values of the wrong type and values out of range are refused with one sentence that names
 the key (``schedule.epochs must be at least 1, got 0.``).
@@ -28,6 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
+import torch
+
 from .data import DEFAULT_MARGIN_MM
 from .errors import AirwayInputError
 from .inference_settings import BLENDINGS, DEVICES, PRECISIONS
@@ -40,7 +43,9 @@ if sys.version_info >= (3, 11):
 else:  # Python 3.10: the same parser, as a package (tomli; python_version < '3.11')
     import tomli as tomllib
 
-LOSSES = ("deeptree", "gul", "tang", "dice_focal")
+LOSSES = ("deeptree", "gul", "tang", "dice_focal", "dice_ce")
+#: What a run trains: the stage-1 segmentation network or the stage-2 breakage connection network.
+TASKS = ("segmentation", "connection")
 UNION_LOSSES = ("tang", "gul")
 LR_SCHEDULES = ("constant", "cosine")
 
@@ -254,10 +259,10 @@ class LossConfig:
 
     Attributes
     ----------
-    name : {"deeptree", "gul", "tang", "dice_focal"}
+    name : {"deeptree", "gul", "tang", "dice_focal", "dice_ce"}
         ``deeptree``: Dice + CE per class plus the union loss (DeepTree eq. 1; METHODS 1);
         ``gul`` / ``tang``: the union loss alone; ``dice_focal``: Qin's eq. 7 per class (no
-        phases).
+        phases); ``dice_ce``: Dice + CE per class (no phases; DeepTree's stage-2 loss).
     union : {"tang", "gul"}
         Union loss of ``deeptree``.  Tang phases: plain Dice, Tang's weighted union with
         ``w_p``, then ``w_p + w_d``.  GUL phases: root Tversky (``w = 1``, a = 0.1), GUL with
@@ -327,10 +332,63 @@ class RuntimeConfig:
 
 
 @dataclass(frozen=True)
+class ConnectionConfig:
+    """``[connection]``: training data of the stage-2 breakage connection network (``task = "connection"``).
+
+    Every epoch each training volume gets a new breakage simulation (DeepTree 2.3); patches
+    are cropped at the breakage-attention blobs of the broken label with a random shift.  A
+    share of the patches comes instead from the real breaks of a stage-1 model's output on
+    the training volumes (METHODS.md section 2: hard examples), blobs without a real break
+    included (their target is empty: where not to bridge).
+
+    Attributes
+    ----------
+    real_breaks_model : str
+        Stage-1 model (bundled name or path) whose outputs give the real breaks; "default":
+        the catalogue's default; "none": simulated breaks only.
+    real_break_share : float
+        Share of patches from real breaks, in [0, 1].
+    peripheral_fraction : float
+        Share of the leaves broken per simulation (DeepTree: 0.5).
+    break_fraction : tuple of 2 float
+        Range of the share of a branch's skeleton removed (DeepTree: 0.1-0.3).
+    max_shift_zyx : tuple of 3 int
+        Largest random shift (voxels) of a patch from its blob's centre.  DeepTree gives no
+        value; a quarter of the 64^3 patch keeps the break in its central half.
+    alpha_mm : float
+        Breakage attention range (DeepTree: 5 mm).
+    validation_simulations : int
+        Fixed simulations per validation volume scored every epoch.
+    """
+
+    real_breaks_model: str = "default"
+    real_break_share: float = 0.3
+    peripheral_fraction: float = 0.5
+    break_fraction: tuple[float, float] = (0.1, 0.3)
+    max_shift_zyx: tuple[int, int, int] = (16, 16, 16)
+    alpha_mm: float = 5.0
+    validation_simulations: int = 1
+
+    def __post_init__(self) -> None:
+        _check(0.0 <= self.real_break_share <= 1.0, "real_break_share", "a share in [0, 1]", self.real_break_share)
+        _check(0.0 <= self.peripheral_fraction <= 1.0, "peripheral_fraction", "a share in [0, 1]", self.peripheral_fraction)
+        low, high = self.break_fraction
+        _check(0.0 < low <= high < 1.0, "break_fraction", "a range 0 < low <= high < 1", self.break_fraction)
+        _check(min(self.max_shift_zyx) >= 0, "max_shift_zyx", "three shifts >= 0", self.max_shift_zyx)
+        _check(self.alpha_mm > 0 and math.isfinite(self.alpha_mm), "alpha_mm", "a positive distance", self.alpha_mm)
+        _check(self.validation_simulations >= 1, "validation_simulations", "at least 1", self.validation_simulations)
+
+
+@dataclass(frozen=True)
 class TrainConfig:
-    """A whole training run; one TOML table per field (see ``Resources/Training/*.toml``)."""
+    """A whole training run; one TOML table per field (see ``Resources/Training/*.toml``).
+
+    ``task`` is "segmentation" (stage 1) or "connection" (the stage-2 breakage connection
+    network, trained by ``AirwayRefineLib.connect_training``; ``[connection]`` holds its data).
+    """
 
     seed: int = 0
+    task: str = "segmentation"
     network: NetworkConfig = field(default_factory=NetworkConfig)
     data: DataConfig = field(default_factory=lambda: DataConfig(phantoms=PhantomConfig()))
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
@@ -339,8 +397,16 @@ class TrainConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    connection: ConnectionConfig = field(default_factory=ConnectionConfig)
 
     def __post_init__(self) -> None:
+        _check(self.task in TASKS, "task", f"one of {', '.join(TASKS)}", self.task)
+        if self.task == "connection":
+            # The connection task has no hard mining (its patches sit at breaks) and one output.
+            _check(self.sampling.hard_mining_every == 0, "sampling.hard_mining_every", "0 for task connection",
+                   self.sampling.hard_mining_every)
+            _check(self.loss.name in ("dice_ce", "dice_focal"), "loss.name", "dice_ce or dice_focal for task connection",
+                   self.loss.name)
         # SeedSequence takes any integer >= 0; TOML integers are signed 64-bit.
         _check(0 <= self.seed < 2**63, "seed", "an integer in [0, 2**63)", self.seed)
         overlap, patch = self.validation.overlap_zyx, self.sampling.patch_size_zyx
@@ -416,6 +482,12 @@ def config_from_dict(table: Mapping) -> TrainConfig:
         raise AirwayInputError(f"network.kwargs do not build {config.network.name}: {error}.") from None
     # Checked here rather than at the first forward pass, after the training data were loaded.
     divisor = network.input_divisor
+    if config.task == "connection":
+        # Early fusion of the CT and the attention in, background and breakage out.
+        with torch.no_grad():
+            logits = network.eval()(torch.zeros((1, 2) + (2 * divisor,) * 3)).main
+        _check(logits.shape[1] == 2, "network.kwargs", "a network with 2 input and 2 output channels for task connection",
+               config.network.kwargs)
     patch = config.sampling.patch_size_zyx
     _check(
         not any(size % divisor for size in patch), "sampling.patch_size_zyx",

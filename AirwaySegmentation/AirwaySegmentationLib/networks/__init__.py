@@ -1,4 +1,4 @@
-"""Stage-1 airway networks and a registry to build them by name.
+"""Airway networks (stage 1, and stage 2's U-Net) and a registry to build them by name.
 
 Every network takes ``(N, in_channels, D, H, W)`` (D = z, H = y, W = x) and returns a
 :class:`SegmentationOutput` whose ``main`` holds ``(N, out_channels, D, H, W)`` logits, so a
@@ -8,7 +8,7 @@ Examples
 --------
 >>> net = build_network("wingsnet", base_width=4)
 >>> sorted(NETWORKS)
-['fr_unet', 'pwfr_unet', 'wingsnet']
+['fr_unet', 'pwfr_unet', 'unet', 'wingsnet']
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from torch import nn
 from .blocks import SegmentationOutput
 from .fr_unet import FRADUNet
 from .pwfr_unet import PWFRUNet
+from .unet import UNet
 from .wingsnet import WingsNet
 
 #: Network classes by the name used in configurations, model cards and the CLI.
@@ -25,6 +26,7 @@ NETWORKS: dict[str, type[nn.Module]] = {
     "wingsnet": WingsNet,
     "fr_unet": FRADUNet,
     "pwfr_unet": PWFRUNet,
+    "unet": UNet,
 }
 
 
@@ -55,4 +57,4 @@ def build_network(name: str, **kwargs: object) -> nn.Module:
     return NETWORKS[name](**kwargs)
 
 
-__all__ = ["NETWORKS", "FRADUNet", "PWFRUNet", "SegmentationOutput", "WingsNet", "build_network"]
+__all__ = ["NETWORKS", "FRADUNet", "PWFRUNet", "SegmentationOutput", "UNet", "WingsNet", "build_network"]

@@ -1,0 +1,388 @@
+"""Breakage connection (DeepTree stage 2, METHODS.md section 2): find breaks, predict bridges, merge.
+
+:func:`find_breaks` labels the components of a stage-1 result, computes the breakage
+attention (:func:`~AirwayRefineLib.attention.breakage_attention`), finds its blobs, crops a
+CT + attention patch (early fusion, :func:`connection_input`) at each blob's centre, runs the
+connection network on all of them in batches and turns each prediction into a
+:class:`Break`: where it is, how long the gap is, which two components it lies between, and
+the bridge the network predicts.  :func:`merge_breaks` then adds the bridges of all or of a
+chosen subset of breaks (a clinician accepts or rejects each one) to the labels and keeps the
+largest component, as DeepTree does.  Nothing is predicted twice: choosing another subset
+only merges again.
+
+Choices where the paper is silent (each also said where it is made):
+
+* A blob's *bridge* is the set of predicted breakage voxels (probability > 0.5, outside the
+  stage-1 mask) whose 26-connected pieces touch at least two different stage-1 components;
+  predicted voxels that touch one component or none join nothing and are dropped.  A break
+  is *connected* when it has a bridge.
+* *Confidence*: the mean predicted probability over the bridge's voxels; for a break without
+  a bridge, the highest probability predicted outside the mask inside its blob (how close
+  the network came to bridging it).
+* *Gap length*: at the blob voxel nearest to its second-nearest component (the attention's
+  peak), the distance to the nearest plus to the second-nearest component: the length of a
+  straight gap through that point.
+* *Components*: the two components nearest that point (labels of ``cc3d`` at the given
+  connectivity, largest first numbering is not implied); a bridge may join more.
+* *Class of new voxels*: "the class of the branch they join": each bridge voxel takes the
+  class of the nearest labelled voxel (Euclidean, in mm).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import cc3d
+import numpy as np
+from scipy import ndimage
+
+from AirwaySegmentationLib.arrays import as_spacing_zyx, check_connectivity, largest_component
+from AirwaySegmentationLib.errors import AirwayInputError
+from AirwaySegmentationLib.inference_settings import InferenceSettings
+from AirwaySegmentationLib.infer import CancelToken, SlidingWindow, check_threshold
+from AirwaySegmentationLib.preprocess import InputSpec, network_input
+from AirwaySegmentationLib.progress import ProgressCallback, report, sub_progress
+from AirwaySegmentationLib.sampling import PAD_HU
+from AirwaySegmentationLib.segment import SegmentationModel, load_segmentation_model
+from AirwaySegmentationLib.volume import Geometry
+
+from .attention import DEFAULT_ALPHA_MM, AttentionBlob, blob_labels, breakage_attention, find_attention_blobs
+
+#: The patch DeepTree crops at each break (section 2.3).
+CONNECTION_PATCH_ZYX = (64, 64, 64)
+#: Attention above this forms a blob (the second-nearest component is closer than alpha).
+BLOB_THRESHOLD = 0.5
+_STRUCTURE_26 = np.ones((3, 3, 3), dtype=bool)
+
+
+def connection_input(hu_zyx: np.ndarray, attention_zyx: np.ndarray, spec: InputSpec) -> np.ndarray:
+    """The connection network's input: the CT channels of ``spec``, then the attention (early fusion).
+
+    Parameters
+    ----------
+    hu_zyx : numpy.ndarray
+        CT patch in HU, shape (D, H, W).
+    attention_zyx : numpy.ndarray
+        Breakage attention on the same patch, values in [0, 1].
+    spec : InputSpec
+        CT channels (the connection model's card: the clipped HU channel only).
+
+    Returns
+    -------
+    numpy.ndarray
+        float32, shape (``spec.n_channels + 1``, D, H, W).
+    """
+    if np.shape(hu_zyx) != np.shape(attention_zyx):
+        raise AirwayInputError(f"The CT patch {np.shape(hu_zyx)} and the attention patch {np.shape(attention_zyx)} differ in shape.")
+    ct = network_input(hu_zyx, spec)
+    return np.concatenate([ct, np.asarray(attention_zyx, dtype=np.float32)[None]], axis=0)
+
+
+def crop_padded(array_zyx: np.ndarray, centre_zyx: Sequence[int], size_zyx: Sequence[int], fill: float) -> np.ndarray:
+    """A ``size_zyx`` crop of ``array_zyx`` centred on ``centre_zyx`` (``centre - size // 2`` is its
+    first voxel), filled with ``fill`` where it leaves the array."""
+    size = np.asarray(size_zyx, dtype=int)
+    start = np.asarray(centre_zyx, dtype=int) - size // 2
+    out = np.full(tuple(size), fill, dtype=array_zyx.dtype)
+    low = np.maximum(start, 0)
+    high = np.minimum(start + size, array_zyx.shape)
+    if np.all(high > low):
+        source = tuple(slice(a, b) for a, b in zip(low, high))
+        target = tuple(slice(a - s, b - s) for a, b, s in zip(low, high, start))
+        out[target] = array_zyx[source]
+    return out
+
+
+@dataclass
+class Break:
+    """One break of a stage-1 result: a blob of breakage attention and what the network made of it.
+
+    Attributes
+    ----------
+    id : int
+        1-based, in the order of the blobs (highest attention first).
+    point_zyx : tuple of 3 int
+        Voxel index of the gap point (the blob's attention peak).
+    gap_mm : float
+        Distance to the nearest plus to the second-nearest component at that point.
+    components : tuple of 2 int
+        The two components nearest the gap point (labels of the stage-1 mask's components).
+    component_voxels : tuple of 2 int
+        Their sizes in voxels.
+    confidence : float
+        Mean bridge probability (or the best probability of an unbridged blob), see the module docstring.
+    connected : bool
+        The network predicts a bridge that joins two or more components.
+    joined : tuple of int
+        Every component the bridge touches (empty without a bridge).
+    bridge_zyx : numpy.ndarray
+        (K, 3) int voxel indices the bridge adds.
+    """
+
+    id: int
+    point_zyx: tuple[int, int, int]
+    gap_mm: float
+    components: tuple[int, int]
+    component_voxels: tuple[int, int]
+    confidence: float
+    connected: bool
+    joined: tuple[int, ...] = ()
+    bridge_zyx: np.ndarray = field(default_factory=lambda: np.zeros((0, 3), dtype=np.int64), repr=False)
+
+    def record(self, geometry: Geometry) -> dict:
+        """JSON-ready description; the position is the gap point in LPS millimetres."""
+        position = geometry.index_zyx_to_physical(np.asarray([self.point_zyx], dtype=float))[0]
+        return {
+            "id": self.id,
+            "position_lps_mm": [round(float(v), 3) for v in position],
+            "index_zyx": list(self.point_zyx),
+            "gap_mm": round(self.gap_mm, 3),
+            "components": list(self.components),
+            "component_voxels": list(self.component_voxels),
+            "confidence": round(self.confidence, 4),
+            "connected": self.connected,
+            "joined_components": list(self.joined),
+            "bridge_voxels": int(len(self.bridge_zyx)),
+        }
+
+
+@dataclass
+class BreakPrediction:
+    """Stage 2 before the merge: the attention map, the components and every break found.
+
+    Attributes
+    ----------
+    attention_zyx : numpy.ndarray
+        float32 breakage attention of the stage-1 mask.
+    components_before : int
+        Connected components of the stage-1 mask.
+    breaks : list of Break
+    """
+
+    attention_zyx: np.ndarray = field(repr=False)
+    components_before: int
+    breaks: list[Break]
+
+
+def load_connection_model(model: str | None = None) -> SegmentationModel:
+    """The breakage connection network: a bundled name, a path, or None for the bundled default."""
+    return load_segmentation_model(model, task="connection")
+
+
+def find_breaks(
+    hu_zyx: np.ndarray,
+    labels_zyx: np.ndarray,
+    spacing_zyx: Sequence[float],
+    model: SegmentationModel | str | None = None,
+    settings: InferenceSettings = InferenceSettings(),
+    *,
+    threshold: float = 0.5,
+    connectivity: int = 26,
+    progress: ProgressCallback | None = None,
+    cancel: CancelToken | None = None,
+) -> BreakPrediction:
+    """Find the breaks of a stage-1 result and predict a bridge for each.
+
+    Parameters
+    ----------
+    hu_zyx : numpy.ndarray
+        CT in HU, shape (Z, Y, X).
+    labels_zyx : numpy.ndarray
+        Stage-1 result on the same grid (classes or binary), with all its components (stage 1
+        run without keeping the largest component only).
+    spacing_zyx : sequence of 3 float
+        Voxel size in mm.
+    model : SegmentationModel or str, optional
+        The connection network (:func:`load_connection_model`), its name or path; None: the
+        bundled default.
+    settings : InferenceSettings
+        Device, precision, batch size and threads (windows and blending do not apply).
+    threshold : float
+        Breakage probability from which a voxel is predicted.
+    connectivity : int
+        Connectivity of the components: 6, 18 or 26.
+    progress, cancel
+        ``progress(fraction, message)``; a cancel token checked between batches.
+
+    Returns
+    -------
+    BreakPrediction
+    """
+    hu = np.asarray(hu_zyx)
+    labels = np.asarray(labels_zyx)
+    if hu.ndim != 3 or hu.shape != labels.shape:
+        raise AirwayInputError(
+            f"The CT {hu.shape} and the labels {labels.shape} must be 3-D volumes of the same shape; give labels on the CT's grid."
+        )
+    spacing = as_spacing_zyx(spacing_zyx)
+    check_connectivity(connectivity)
+    check_threshold(threshold)
+    loaded = model if isinstance(model, SegmentationModel) else load_connection_model(model)
+    alpha = float(loaded.card.get("attention", {}).get("alpha_mm", DEFAULT_ALPHA_MM))
+    mask = labels > 0
+    components, count = cc3d.connected_components(mask, connectivity=connectivity, return_N=True)
+    report(progress, 0.0, f"Breakage attention of {count} components")
+    attention = breakage_attention(mask, spacing, alpha_mm=alpha, connectivity=connectivity,
+                                   progress=sub_progress(progress, 0.0, 0.3))
+    blobs = find_attention_blobs(attention, BLOB_THRESHOLD, connectivity=26)
+    if not blobs:
+        report(progress, 1.0, "No breaks found")
+        return BreakPrediction(attention, int(count), [])
+    size = np.asarray(loaded.patch_size_zyx)
+    blobs_zyx, _ = blob_labels(attention, BLOB_THRESHOLD, connectivity=26)
+    patches = np.stack([
+        connection_input(crop_padded(hu, blob.centre_zyx, size, PAD_HU), crop_padded(attention, blob.centre_zyx, size, 0.0), loaded.spec)
+        for blob in blobs
+    ])
+    report(progress, 0.3, f"Predicting {len(blobs)} breaks")
+    engine = SlidingWindow(loaded.network, settings)
+    probability = engine.predict_patches(patches, sub_progress(progress, 0.3, 0.9), cancel)[:, 1]
+    del patches
+    report(progress, 0.9, "Finding the bridges")
+    sizes = np.bincount(components.ravel(), minlength=count + 1)
+    breaks = [
+        _read_break(index, blob, patch_probability, components, sizes, blobs_zyx, attention, spacing, threshold)
+        for index, (blob, patch_probability) in enumerate(zip(blobs, probability), start=1)
+    ]
+    report(progress, 1.0, f"{sum(b.connected for b in breaks)} of {len(breaks)} breaks bridged")
+    return BreakPrediction(attention, int(count), breaks)
+
+
+def _read_break(
+    index: int,
+    blob: AttentionBlob,
+    probability_zyx: np.ndarray,
+    components: np.ndarray,
+    sizes: np.ndarray,
+    blobs_zyx: np.ndarray,
+    attention: np.ndarray,
+    spacing: tuple[float, float, float],
+    threshold: float,
+) -> Break:
+    """One :class:`Break` from the network's probability on the patch centred on ``blob``."""
+    size = np.asarray(probability_zyx.shape)
+    start_zyx = np.asarray(blob.centre_zyx) - size // 2
+    comp = crop_padded(components, blob.centre_zyx, size, 0)
+    in_blob = crop_padded(blobs_zyx, blob.centre_zyx, size, 0) == blob.label
+    # Gap point: the blob's attention peak (its voxel nearest to a second component) in the patch.
+    attention_in_blob = np.where(in_blob, crop_padded(attention, blob.centre_zyx, size, 0.0), -1.0)
+    peak = np.unravel_index(int(np.argmax(attention_in_blob)), attention_in_blob.shape)
+    # The two components nearest the gap point (module docstring).
+    distance1, nearest_index = ndimage.distance_transform_edt(comp == 0, sampling=spacing, return_indices=True)
+    first = int(comp[tuple(ix[peak] for ix in nearest_index)])
+    others = (comp > 0) & (comp != first)
+    if others.any():
+        distance2, second_index = ndimage.distance_transform_edt(~others, sampling=spacing, return_indices=True)
+        second = int(comp[tuple(ix[peak] for ix in second_index)])
+        gap = float(distance1[peak] + distance2[peak])
+    else:  # the second component lies beyond the patch
+        second, gap = 0, float("nan")
+    # Bridge: predicted pieces outside the mask touching two or more components.
+    predicted = (probability_zyx > threshold) & (comp == 0)
+    pieces, n_pieces = cc3d.connected_components(predicted, connectivity=26, return_N=True)
+    bridge = np.zeros_like(predicted)
+    joined: set[int] = set()
+    if n_pieces:
+        touching = _touched_components(pieces, n_pieces, comp)
+        for piece, touched in touching.items():
+            if len(touched) >= 2:
+                bridge |= pieces == piece
+                joined |= touched
+    connected = bool(bridge.any())
+    if connected:
+        confidence = float(probability_zyx[bridge].mean())
+    else:
+        outside = in_blob & (comp == 0)
+        confidence = float(probability_zyx[outside].max()) if outside.any() else 0.0
+    local = np.argwhere(bridge)
+    global_zyx = local + start_zyx
+    inside = np.all((global_zyx >= 0) & (global_zyx < np.asarray(components.shape)), axis=1)
+    point = tuple(int(v) for v in np.asarray(peak) + start_zyx)
+    return Break(
+        id=index, point_zyx=point, gap_mm=gap, components=(first, second),
+        component_voxels=(int(sizes[first]), int(sizes[second]) if second else 0),
+        confidence=confidence, connected=connected, joined=tuple(sorted(joined)),
+        bridge_zyx=global_zyx[inside].astype(np.int64),
+    )
+
+
+def _touched_components(pieces: np.ndarray, n_pieces: int, comp: np.ndarray) -> dict[int, set[int]]:
+    """For each predicted piece, the set of components its 26-neighbourhood touches."""
+    touched: dict[int, set[int]] = {piece: set() for piece in range(1, n_pieces + 1)}
+    grown = ndimage.grey_dilation(pieces, footprint=_STRUCTURE_26)
+    # A voxel of a component beside two pieces is credited to the larger label only; pieces are
+    # separated by at least one non-predicted voxel, and a component voxel they share is rare.
+    contact = (comp > 0) & (grown > 0)
+    for piece, component in set(zip(grown[contact].tolist(), comp[contact].tolist())):
+        touched[piece].add(component)
+    # Exact for the rest: every piece is checked on its own neighbourhood.
+    for piece in range(1, n_pieces + 1):
+        if len(touched[piece]) < 2:
+            region = ndimage.binary_dilation(pieces == piece, structure=_STRUCTURE_26)
+            touched[piece] = set(np.unique(comp[region & (comp > 0)]).tolist())
+    return touched
+
+
+def merge_breaks(
+    labels_zyx: np.ndarray,
+    prediction: BreakPrediction,
+    spacing_zyx: Sequence[float],
+    break_ids: Iterable[int] | None = None,
+    keep_largest_component: bool = True,
+    connectivity: int = 26,
+) -> np.ndarray:
+    """Add the bridges of the chosen breaks to the labels.
+
+    Parameters
+    ----------
+    labels_zyx : numpy.ndarray
+        The stage-1 labels :func:`find_breaks` saw (not modified).
+    prediction : BreakPrediction
+        From :func:`find_breaks`.
+    spacing_zyx : sequence of 3 float
+        Voxel size in mm (to find each new voxel's nearest labelled voxel).
+    break_ids : iterable of int, optional
+        Breaks to connect; None: every connected break.  An id without a bridge is refused.
+    keep_largest_component : bool
+        Keep only the largest component afterwards (DeepTree's final step).
+    connectivity : int
+        Connectivity of that component.
+
+    Returns
+    -------
+    numpy.ndarray
+        Labels of the same dtype; bridge voxels take the class of the nearest labelled voxel.
+    """
+    labels = np.asarray(labels_zyx)
+    spacing = as_spacing_zyx(spacing_zyx)
+    check_connectivity(connectivity)
+    by_id = {b.id: b for b in prediction.breaks}
+    if break_ids is None:
+        chosen = [b for b in prediction.breaks if b.connected]
+    else:
+        ids = sorted(set(int(i) for i in break_ids))
+        unknown = [i for i in ids if i not in by_id]
+        if unknown:
+            raise AirwayInputError(f"There is no break {unknown[0]}; the breaks are numbered 1 to {len(by_id)}.")
+        unbridged = [i for i in ids if not by_id[i].connected]
+        if unbridged:
+            raise AirwayInputError(f"Break {unbridged[0]} has no predicted bridge to connect; leave it out.")
+        chosen = [by_id[i] for i in ids]
+    out = labels.copy()
+    if chosen:
+        voxels = np.concatenate([b.bridge_zyx for b in chosen])
+        new = np.zeros(labels.shape, dtype=bool)
+        new[tuple(voxels.T)] = True
+        new &= labels == 0
+        if new.any():
+            low = np.maximum(voxels.min(axis=0) - 2, 0)
+            high = np.minimum(voxels.max(axis=0) + 3, labels.shape)
+            box = tuple(slice(a, b) for a, b in zip(low, high))
+            # Each new voxel takes the class of the nearest labelled voxel (bridges touch the labels).
+            _, nearest = ndimage.distance_transform_edt(labels[box] == 0, sampling=spacing, return_indices=True)
+            classes = labels[box][tuple(nearest)]
+            out[box] = np.where(new[box], classes, out[box])
+    if keep_largest_component and out.any():
+        out[~largest_component(out > 0, connectivity)] = 0
+    return out

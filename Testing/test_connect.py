@@ -1,0 +1,319 @@
+"""Stage 2: breaks found and bridged by a known network, merge of chosen breaks, outputs, training data, training."""
+
+from __future__ import annotations
+
+import json
+
+import cc3d
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from torch import nn
+
+from AirwayRefineLib.attention import blob_labels, breakage_attention, find_attention_blobs
+from AirwayRefineLib.breakage import simulate_breakage
+from AirwayRefineLib.connect import Break, BreakPrediction, find_breaks, merge_breaks
+from AirwayRefineLib.connect_training import (
+    CONNECTION_INPUT_SPEC,
+    ConnectionPatches,
+    ConnectionTask,
+    reconnection_metrics,
+)
+from AirwayRefineLib.refine import REFINE_FILES, merge_selected, refine_ct, refine_file
+from AirwaySegmentationLib.catalogue import catalogue, default_model_name
+from AirwaySegmentationLib.cli import main
+from AirwaySegmentationLib.errors import AirwayInputError
+from AirwaySegmentationLib.inference_settings import InferenceSettings
+from AirwaySegmentationLib.models import bundle_model, export_model
+from AirwaySegmentationLib.networks import SegmentationOutput, build_network
+from AirwaySegmentationLib.segment import SegmentationModel, load_segmentation_model
+from AirwaySegmentationLib.train import train
+from AirwaySegmentationLib.train_config import config_from_dict
+from AirwaySegmentationLib.tree import parse_airway_tree
+from AirwaySegmentationLib.volume import Geometry, Volume, read_volume, to_sitk
+
+FLOAT32 = InferenceSettings(device="cpu", precision="float32")
+PATCH = (32, 32, 32)
+
+
+class LumenOracle(nn.Module):
+    """A known connection network: breakage wherever the CT is lumen-dark and the attention is high.
+
+    logit(breakage) = 100 * min(0.15 - ct, attention - 0.2) on the channels of
+    CONNECTION_INPUT_SPEC (HU -1200..600 -> 0..1, so 0.15 is -930 HU; attention 0.2 is
+    H = 6.4 mm, so a 6 mm gap is covered from end to end).
+    """
+
+    def forward(self, image: torch.Tensor) -> SegmentationOutput:
+        ct, attention = image[:, :1], image[:, 1:2]
+        breakage = 100.0 * torch.minimum(0.15 - ct, attention - 0.2)
+        return SegmentationOutput(torch.cat([torch.zeros_like(breakage), breakage], dim=1))
+
+
+def oracle() -> SegmentationModel:
+    return SegmentationModel(LumenOracle(), {"attention": {"alpha_mm": 5.0}}, "oracle", CONNECTION_INPUT_SPEC, PATCH)
+
+
+def tube_case():
+    """A tube along x (lumen -1000 HU in -850 HU tissue) with a 6-voxel gap, and a dark-free blob beside it.
+
+    Returns CT, stage-1 labels (class 2 before the gap, 3 after, a class-3 false-positive ball
+    in tissue 4 voxels from the tube) and the gap's voxels.
+    """
+    shape = (32, 32, 64)
+    z, y, x = np.indices(shape)
+    lumen = ((z - 16) ** 2 + (y - 12) ** 2 <= 9) & (x >= 4) & (x < 60)
+    ct = np.full(shape, -850, dtype=np.int16)
+    ct[lumen] = -1000
+    labels = np.zeros(shape, dtype=np.uint8)
+    labels[lumen & (x < 28)] = 2
+    labels[lumen & (x >= 34)] = 3
+    ball = (z - 16) ** 2 + (y - 23) ** 2 + (x - 50) ** 2 <= 4
+    labels[ball] = 3
+    gap = lumen & (x >= 28) & (x < 34)
+    return ct, labels, gap
+
+
+def test_a_gap_in_a_lumen_is_bridged_and_a_false_positive_is_not():
+    ct, labels, gap = tube_case()
+    prediction = find_breaks(ct, labels, (1.0, 1.0, 1.0), oracle(), FLOAT32)
+    assert prediction.components_before == 3
+    bridged = [b for b in prediction.breaks if b.connected]
+    assert len(bridged) == 1
+    bridge = bridged[0]
+    filled = np.zeros(ct.shape, dtype=bool)
+    filled[tuple(bridge.bridge_zyx.T)] = True
+    # Every bridge voxel is in the gap and the bridge spans it.
+    assert not (filled & ~gap).any()
+    assert filled[gap].all()
+    assert bridge.gap_mm == pytest.approx(7.0)  # from x = 27 to x = 34
+    assert bridge.confidence > 0.95  # sigmoid(100 * (0.15 - 0.111))
+    assert len(set(bridge.components)) == 2 and set(bridge.joined) == set(bridge.components)
+    others = [b for b in prediction.breaks if not b.connected]
+    assert others and all(b.confidence < 0.5 and len(b.bridge_zyx) == 0 for b in others)
+
+    merged = merge_breaks(labels, prediction, (1.0, 1.0, 1.0))
+    assert cc3d.connected_components(merged > 0, connectivity=26, return_N=True)[1] == 1
+    # New voxels take the class of the nearest labelled voxel: 2 on the x < 31 side, 3 beyond.
+    _, y, x = np.indices(ct.shape)
+    assert (merged[gap & (x <= 29)] == 2).all() and (merged[gap & (x >= 32)] == 3).all()
+    assert not merged[(labels == 3) & (y > 20)].any()  # the false-positive ball is gone
+    assert (labels[gap] == 0).all()  # the input is not modified
+
+
+def test_merging_a_chosen_subset_and_refusing_impossible_choices():
+    ct, labels, gap = tube_case()
+    prediction = find_breaks(ct, labels, (1.0, 1.0, 1.0), oracle(), FLOAT32)
+    bridged = next(b for b in prediction.breaks if b.connected)
+    unbridged = next(b for b in prediction.breaks if not b.connected)
+    none = merge_breaks(labels, prediction, (1.0, 1.0, 1.0), break_ids=[])
+    assert not none[gap].any()
+    _, y, _ = np.indices(ct.shape)
+    assert np.array_equal(none > 0, (labels == 3) & (y < 20))  # the largest piece only (x >= 34 is longer)
+    chosen = merge_breaks(labels, prediction, (1.0, 1.0, 1.0), break_ids=[bridged.id], keep_largest_component=False)
+    assert chosen[gap].all() and (chosen[labels > 0] == labels[labels > 0]).all()
+    with pytest.raises(AirwayInputError, match=f"Break {unbridged.id} has no predicted bridge"):
+        merge_breaks(labels, prediction, (1.0, 1.0, 1.0), break_ids=[unbridged.id])
+    with pytest.raises(AirwayInputError, match="There is no break 99"):
+        merge_breaks(labels, prediction, (1.0, 1.0, 1.0), break_ids=[99])
+
+
+def test_one_component_has_no_breaks():
+    ct, labels, gap = tube_case()
+    labels = labels.copy()
+    labels[gap] = 2
+    labels[labels == 3] = 0
+    labels[:, :, 34:][ct[:, :, 34:] == -1000] = 3
+    prediction = find_breaks(ct, labels, (1.0, 1.0, 1.0), oracle(), FLOAT32)
+    assert prediction.components_before == 1 and prediction.breaks == []
+    assert not prediction.attention_zyx.any()
+
+
+def test_blob_labels_name_each_blob():
+    _, labels, _ = tube_case()
+    attention = breakage_attention(labels > 0, (1.0, 1.0, 1.0))
+    blobs = find_attention_blobs(attention)
+    numbered, count = blob_labels(attention)
+    assert count == len(blobs)
+    for blob in blobs:
+        assert (numbered == blob.label).sum() == blob.size_voxels
+
+
+def oblique_geometry() -> Geometry:
+    c, s = np.cos(0.3), np.sin(0.3)
+    direction = (c, -s, 0.0, s, c, 0.0, 0.0, 0.0, -1.0)
+    return Geometry(spacing_xyz=(0.9, 0.8, 1.1), origin_xyz=(-120.0, 35.5, 210.0), direction=direction)
+
+
+def test_refine_ct_keeps_geometry_and_records_breaks_in_lps():
+    ct, labels, gap = tube_case()
+    geometry = oblique_geometry()
+    result = refine_ct(Volume(ct, geometry), Volume(labels, geometry), oracle(), FLOAT32)
+    assert result.labels.geometry == geometry and result.attention.geometry == geometry
+    assert result.components_after == 2  # the tube joined, the false-positive ball apart
+    document = result.breaks_document()
+    assert document["found"] == len(result.prediction.breaks) and document["merged"] == result.merged_ids
+    for record, found in zip(document["breaks"], result.prediction.breaks):
+        expected = geometry.index_zyx_to_physical(np.asarray([found.point_zyx], dtype=float))[0]
+        assert record["position_lps_mm"] == pytest.approx(expected, abs=1e-3)
+        assert record["merged"] == (found.id in result.merged_ids) == found.connected
+    json.dumps(document)
+    relabelled, merged_ids, components = merge_selected(Volume(labels, geometry), result.prediction, "none")
+    assert merged_ids == [] and components == 3 and not relabelled.array_zyx[gap].any()
+
+
+@pytest.fixture(scope="module")
+def connection_model(tmp_path_factory):
+    """A loadable connection network (base width 2, seeded random weights) with a connection card."""
+    torch.manual_seed(0)
+    card = {
+        "architecture": {"name": "unet", "kwargs": {"base_width": 2, "depth": 2}},
+        "input_spec": CONNECTION_INPUT_SPEC.as_dict(),
+        "patch_size_zyx": [32, 32, 32],
+        "task": "connection",
+        "attention": {"alpha_mm": 5.0},
+    }
+    weights, _ = export_model(build_network("unet", base_width=2, depth=2), card, tmp_path_factory.mktemp("connection") / "conn")
+    return weights
+
+
+def test_refine_file_writes_all_outputs_in_the_ct_geometry(tmp_path, connection_model):
+    ct, labels, _ = tube_case()
+    geometry = oblique_geometry()
+    sitk.WriteImage(to_sitk(Volume(ct, geometry)), str(tmp_path / "ct.nii.gz"))
+    sitk.WriteImage(to_sitk(Volume(labels, geometry)), str(tmp_path / "labels.nii.gz"))
+    before = (tmp_path / "labels.nii.gz").read_bytes()
+    out = tmp_path / "out"
+    code = main(["refine", "--ct", str(tmp_path / "ct.nii.gz"), "--labels", str(tmp_path / "labels.nii.gz"),
+                 "--out", str(out), "--model", str(connection_model), "--device", "cpu", "--precision", "float32"])
+    assert code == 0
+    assert sorted(p.name for p in out.iterdir()) == sorted(REFINE_FILES)
+    for name in ("labels.nii.gz", "attention.nii.gz"):
+        written = read_volume(out / name)
+        assert written.array_zyx.shape == ct.shape
+        assert np.allclose(written.geometry.ijk_to_lps, geometry.ijk_to_lps, atol=1e-4)
+    document = json.loads((out / "breaks.json").read_text())
+    assert document["components_before"] == 3 and document["format"] == "airway-breaks"
+    assert (tmp_path / "labels.nii.gz").read_bytes() == before
+
+
+def test_refine_refuses_labels_of_another_grid_and_segmentation_models(tmp_path, connection_model, tiny_model, capsys):
+    ct, labels, _ = tube_case()
+    sitk.WriteImage(to_sitk(Volume(ct, oblique_geometry())), str(tmp_path / "ct.nii.gz"))
+    sitk.WriteImage(to_sitk(Volume(labels[:, :, :60].copy(), oblique_geometry())), str(tmp_path / "labels.nii.gz"))
+    code = main(["refine", "--ct", str(tmp_path / "ct.nii.gz"), "--labels", str(tmp_path / "labels.nii.gz"),
+                 "--out", str(tmp_path / "out"), "--model", str(connection_model)])
+    assert code == 2 and not (tmp_path / "out" / "breaks.json").exists()
+    with pytest.raises(AirwayInputError, match="segmentation model, not a connection model"):
+        refine_file(tmp_path / "ct.nii.gz", tmp_path / "labels.nii.gz", tmp_path / "out", str(tiny_model))
+    with pytest.raises(AirwayInputError, match="connection model, not a segmentation model"):
+        load_segmentation_model(str(connection_model))
+    code = main(["refine", "--ct", "x", "--labels", "y", "--out", str(tmp_path), "--connect", "1,a"])
+    assert code == 2 and "--connect takes" in capsys.readouterr().err
+
+
+def test_the_catalogue_keeps_one_default_per_task(tmp_path, connection_model, tiny_model):
+    bundle_model(tiny_model, "stage1", "tiny stage 1", default=True, models_dir=tmp_path)
+    bundle_model(connection_model, "stage2", "tiny stage 2", default=True, models_dir=tmp_path)
+    assert default_model_name(tmp_path) == "stage1"
+    assert default_model_name(tmp_path, task="connection") == "stage2"
+    assert [e["name"] for e in catalogue(tmp_path, "segmentation")] == ["stage1"]
+    assert [e["default"] for e in catalogue(tmp_path)] == [True, True]
+
+
+# ---------------------------------------------------------------- training data and metrics
+
+
+def phantom_volume():
+    from AirwaySegmentationLib.data import phantom_training_volume
+
+    return phantom_training_volume(11, "standard", (64, 96, 96), (1.6, 1.4, 1.4), 10.0)
+
+
+@pytest.fixture(scope="module")
+def phantom():
+    volume = phantom_volume()
+    return volume, parse_airway_tree(volume.labels3 > 0, volume.spacing_zyx, connectivity=26)
+
+
+def connection_config(**changes):
+    table = {
+        "seed": 5,
+        "task": "connection",
+        "network": {"name": "unet", "kwargs": {"base_width": 2, "depth": 2}},
+        "data": {"phantoms": {"train": 1, "validation": 1, "shape_zyx": [64, 96, 96], "spacing_zyx": [1.6, 1.4, 1.4]}},
+        "connection": {"real_breaks_model": "none", "real_break_share": 0.0, "max_shift_zyx": [0, 0, 0]},
+        "sampling": {"patch_size_zyx": [32, 32, 32], "batch_size": 2, "hard_mining_every": 0, "augmentation": False},
+        "schedule": {"epochs": 1, "iterations_per_epoch": 2},
+        "loss": {"name": "dice_ce", "group_supervision": False, "distillation_weight": 0.0},
+        "validation": {"overlap_zyx": [8, 8, 8]},
+        "runtime": {"precision": "float32"},
+    }
+    for key, values in changes.items():
+        table[key] = {**table[key], **values} if isinstance(values, dict) else values
+    return config_from_dict(table)
+
+
+def test_training_patches_are_the_target_around_a_blob(phantom):
+    volume, tree = phantom
+    config = connection_config()
+    dataset = ConnectionPatches([volume], [tree], [None], config, CONNECTION_INPUT_SPEC, seed=1)
+    dataset.set_epoch(0)
+    items = list(dataset)
+    assert len(items) == 4
+    examples = dataset._simulation(0)
+    centres = {blob.centre_zyx for blob in examples.blobs}
+    for item in items:
+        assert item["image"].shape == (2, 32, 32, 32) and item["labels"].dtype == torch.int64
+        assert set(torch.unique(item["labels"]).tolist()) <= {0, 1}
+    # Without shift or flips the patch is the crop of the target at one blob's centre.
+    from AirwayRefineLib.connect import crop_padded
+
+    crops = [crop_padded(examples.target_zyx, c, (32, 32, 32), False) for c in centres]
+    assert all(any(np.array_equal(item["labels"].numpy(), crop) for crop in crops) for item in items)
+    again = ConnectionPatches([volume], [tree], [None], config, CONNECTION_INPUT_SPEC, seed=1)
+    again.set_epoch(0)
+    assert all(torch.equal(a["image"], b["image"]) for a, b in zip(items, again))
+
+
+def test_reconnection_metrics_of_a_perfect_and_a_wrong_bridge(phantom):
+    volume, tree = phantom
+    simulation = simulate_breakage(volume.labels3, volume.spacing_zyx, np.random.default_rng(4), tree=tree)
+    assert simulation.breaks
+    attention = breakage_attention(simulation.broken_zyx > 0, volume.spacing_zyx)
+    n = cc3d.connected_components(simulation.broken_zyx > 0, connectivity=26, return_N=True)[1]
+    perfect = Break(1, (0, 0, 0), 1.0, (1, 2), (1, 1), 1.0, True, (1, 2), np.argwhere(simulation.target_zyx))
+    prediction = BreakPrediction(attention, n, [perfect])
+    refined = merge_breaks(simulation.broken_zyx, prediction, volume.spacing_zyx)
+    metrics = reconnection_metrics(simulation, tree, prediction, refined, volume.labels3)
+    assert metrics["reconnected"] == 100.0 and metrics["false_bridges"] == 0.0 and metrics["single_component"] == 100.0
+    outside = np.argwhere(volume.labels3 == 0)[:50]
+    wrong = BreakPrediction(attention, n, [Break(1, (0, 0, 0), 1.0, (1, 2), (1, 1), 1.0, True, (1, 2), outside)])
+    refined = merge_breaks(simulation.broken_zyx, wrong, volume.spacing_zyx)
+    metrics = reconnection_metrics(simulation, tree, wrong, refined, volume.labels3)
+    assert metrics["reconnected"] == 0.0 and metrics["false_bridges"] == 100.0 and metrics["single_component"] == 0.0
+
+
+def test_connection_training_runs_in_the_shared_loop_and_exports_a_connection_model(tmp_path, tiny_model):
+    config = connection_config(connection={"real_breaks_model": str(tiny_model), "real_break_share": 0.5})
+    result = train(config, tmp_path, task=ConnectionTask())
+    card = json.loads((tmp_path / "best.json").read_text())
+    assert card["task"] == "connection" and card["input_spec"]["windows"] == []
+    assert card["attention"]["alpha_mm"] == 5.0 and card["patch_size_zyx"] == [32, 32, 32]
+    assert result.best_score == pytest.approx(card["validation"]["score"])
+    header = (tmp_path / "log.csv").read_text().splitlines()[0].split(",")
+    assert {"reconnected", "false_bridges", "single_component", "score"} <= set(header)
+    loaded = load_segmentation_model(str(tmp_path / "best.safetensors"), task="connection")
+    assert loaded.spec.n_channels == 1
+
+
+def test_connection_configs_are_checked():
+    with pytest.raises(AirwayInputError, match="hard_mining_every"):
+        connection_config(sampling={"hard_mining_every": 2})
+    with pytest.raises(AirwayInputError, match="loss.name"):
+        connection_config(loss={"name": "deeptree"})
+    with pytest.raises(AirwayInputError, match="2 input and 2 output channels"):
+        connection_config(network={"name": "unet", "kwargs": {"base_width": 2, "depth": 2, "out_channels": 4}})
+    with pytest.raises(AirwayInputError, match="task"):
+        connection_config(task="stage3")
