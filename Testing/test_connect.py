@@ -317,3 +317,53 @@ def test_connection_configs_are_checked():
         connection_config(network={"name": "unet", "kwargs": {"base_width": 2, "depth": 2, "out_channels": 4}})
     with pytest.raises(AirwayInputError, match="task"):
         connection_config(task="stage3")
+
+
+# ---------------------------------------------------------------- the whole pipeline
+
+
+@pytest.fixture(scope="module")
+def small_ct(tmp_path_factory):
+    from AirwaySegmentationLib.phantom import generate_phantom, write_phantom
+
+    phantom = generate_phantom(21, (64, 96, 96), spacing_zyx=(1.6, 1.4, 1.4), variant="standard")
+    return write_phantom(phantom, tmp_path_factory.mktemp("phantom"))["ct"]
+
+
+def test_airway_run_writes_every_step_and_keeps_the_ct_geometry(tmp_path, small_ct, tiny_model, connection_model):
+    from AirwayRefineLib.pipeline import RUN_FILE, STAGE1_FILE
+
+    out = tmp_path / "run"
+    code = main(["run", "--in", str(small_ct), "--out", str(out), "--model", str(tiny_model),
+                 "--connection-model", str(connection_model), "--device", "cpu", "--no-report"])
+    assert code == 0
+    summary = json.loads((out / RUN_FILE).read_text())
+    assert set(summary["outputs"]) == {p.name for p in out.iterdir()}
+    assert {STAGE1_FILE, *REFINE_FILES, RUN_FILE} <= set(summary["outputs"])
+    assert set(summary["timings_s"]) >= {"read", "stage1", "stage2", "centerlines", "total"}
+    reference = read_volume(small_ct)
+    for name in (STAGE1_FILE, "labels.nii.gz", "attention.nii.gz"):
+        written = read_volume(out / name)
+        assert written.array_zyx.shape == reference.array_zyx.shape
+        assert np.allclose(written.geometry.ijk_to_lps, reference.geometry.ijk_to_lps)
+    stage1 = read_volume(out / STAGE1_FILE).array_zyx
+    assert summary["components_before"] == cc3d.connected_components(stage1 > 0, connectivity=26, return_N=True)[1]
+
+
+def test_a_failing_stage_keeps_the_earlier_outputs(tmp_path, small_ct, tiny_model, connection_model, monkeypatch):
+    from AirwayRefineLib import pipeline
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("stage 2 failed")
+
+    monkeypatch.setattr(pipeline, "refine_ct", broken)
+    with pytest.raises(RuntimeError, match="stage 2 failed"):
+        pipeline.run_pipeline(small_ct, tmp_path, model=str(tiny_model), connection_model=str(connection_model),
+                              settings=FLOAT32, make_report=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [pipeline.STAGE1_FILE]
+
+
+def test_airway_run_refuses_a_connection_model_as_stage_1_before_reading(tmp_path, connection_model, capsys):
+    code = main(["run", "--in", str(tmp_path / "missing.nii.gz"), "--out", str(tmp_path / "out"),
+                 "--model", str(connection_model)])
+    assert code == 2 and "not a segmentation model" in capsys.readouterr().err

@@ -873,13 +873,19 @@ def centerline_file(
     mask = read_label(mask_path)
     class_map = classes.as_class_map(mask.array_zyx)
     tree = extract_centerlines(mask.array_zyx != 0, mask.geometry, labels_zyx=class_map, progress=sub_progress(progress, 0.0, 0.9))
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     report(progress, 0.9, f"Writing {len(tree.branches)} branches to {out_dir}")
-    paths = [write_vtp(tree, out_dir / CENTERLINE_FILES[0]), write_markups(tree, out_dir / CENTERLINE_FILES[1])]
-    paths += write_branch_table(tree, out_dir / CENTERLINE_FILES[2], out_dir / CENTERLINE_FILES[3])
+    paths = write_centerlines(tree, out_dir)
     report(progress, 1.0, "Centerlines written")
     return tree, paths
+
+
+def write_centerlines(tree: CenterlineTree, out_dir: str | os.PathLike) -> list[Path]:
+    """Write :data:`CENTERLINE_FILES` of ``tree`` into ``out_dir`` (created if needed); returns their paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [write_vtp(tree, out_dir / CENTERLINE_FILES[0]), write_markups(tree, out_dir / CENTERLINE_FILES[1])]
+    paths += write_branch_table(tree, out_dir / CENTERLINE_FILES[2], out_dir / CENTERLINE_FILES[3])
+    return paths
 
 
 def route_file(

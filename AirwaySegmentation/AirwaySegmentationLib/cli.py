@@ -152,6 +152,41 @@ def _cmd_refine(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_run(result) -> None:
+    summary = result.summary
+    print(
+        f"{summary['components_before']} components, {summary['breaks_found']} breaks found, "
+        f"{summary['breaks_merged']} connected; {summary['branches']} branches; "
+        f"{summary['timings_s']['total']:.1f} s on {summary['device']}"
+    )
+    for name in result.outputs:
+        print(f"  {result.out_dir / name}")
+    if "report" in summary:
+        print(f"  report {summary['report']}")
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from AirwayRefineLib.pipeline import run_pipeline
+
+    settings = InferenceSettings(device=args.device, precision=args.precision, batch_size=args.batch_size, threads=args.threads)
+    result = run_pipeline(
+        args.input, args.out, model=args.model, connection_model=args.connection_model, settings=settings,
+        connect=_connect_choice(args.connect), make_report=not args.no_report, progress=TextProgressBar(),
+    )
+    _print_run(result)
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from AirwayRefineLib.pipeline import run_demo
+
+    settings = InferenceSettings(device=args.device, precision=args.precision, batch_size=args.batch_size, threads=args.threads)
+    result = run_demo(args.out, seed=args.seed, shape_zyx=tuple(args.shape), settings=settings, progress=TextProgressBar())
+    print(f"demo phantom (CT and ground truth): {args.out / 'phantom'}")
+    _print_run(result)
+    return 0
+
+
 def _cmd_centerline(args: argparse.Namespace) -> int:
     from AirwayRefineLib.centerline import centerline_file
 
@@ -177,7 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``airway`` command (exposed for documentation and tests)."""
     parser = argparse.ArgumentParser(
         prog="airway",
-        description="Airway tree segmentation in chest CT: phantoms, tree labels, evaluation, training, segmentation.",
+        description="Airway tree segmentation in chest CT: phantoms, tree labels, evaluation, training, "
+        "segmentation (stage 1), break connection (stage 2), centerlines and routes, the whole pipeline (airway run).",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -313,6 +349,38 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_engine_arguments(refine)
     refine.set_defaults(run=_cmd_refine)
+
+    run = commands.add_parser(
+        "run",
+        help="the whole job on one CT: segment, connect breaks, centerlines, report",
+        description="Segment the airway tree (stage 1, all components), find and connect its breaks (stage 2), "
+        "extract the centerlines of the final tree and draw a report, with one progress bar. Writes "
+        "stage1_labels.nii.gz, labels.nii.gz, attention.nii.gz, breaks.json, centerlines.vtp, "
+        "centerlines.mrk.json, branches.csv, branches.json, report.png, report.html and run.json into --out; "
+        "a failure keeps the files of the steps before it. CPU by default, CUDA when present. "
+        "Python: AirwayRefineLib.pipeline.run_pipeline.",
+    )
+    run.add_argument("--in", dest="input", required=True, type=Path, help="CT file (.nii.gz, .nrrd, .mha) or DICOM folder")
+    run.add_argument("--out", required=True, type=Path, help="output folder")
+    run.add_argument("--model", default=None, help="stage-1 model name or path (default: the bundled default)")
+    run.add_argument("--connection-model", default=None, help="stage-2 model name or path (default: the bundled one)")
+    run.add_argument("--connect", default="all", help="breaks to merge: all (default), none, or ids like 1,3,4")
+    run.add_argument("--no-report", action="store_true", help="skip report.png / report.html")
+    _add_engine_arguments(run)
+    run.set_defaults(run=_cmd_run, interrupted="the files of the finished steps are kept in --out")
+
+    demo = commands.add_parser(
+        "demo",
+        help="generate a phantom chest CT and run the whole job on it",
+        description="Generate a synthetic chest CT (a held-out phantom, with its ground truth) into --out/phantom "
+        "and run airway run on it into --out; prints where the results are. Python: AirwayRefineLib.pipeline.run_demo.",
+    )
+    demo.add_argument("--out", type=Path, default=Path("airway-demo"), help="output folder (default %(default)s)")
+    demo.add_argument("--seed", type=int, default=None, help="phantom seed (default: the first held-out seed)")
+    demo.add_argument("--shape", type=int, nargs=3, default=(160, 192, 192), metavar=("Z", "Y", "X"),
+                      help="phantom grid (default %(default)s at 0.8 mm in plane)")
+    _add_engine_arguments(demo)
+    demo.set_defaults(run=_cmd_demo, interrupted="the files of the finished steps are kept in --out")
 
     centerline = commands.add_parser(
         "centerline",
