@@ -331,15 +331,20 @@ def small_ct(tmp_path_factory):
 
 
 def test_airway_run_writes_every_step_and_keeps_the_ct_geometry(tmp_path, small_ct, tiny_model, connection_model):
-    from AirwayRefineLib.pipeline import RUN_FILE, STAGE1_FILE
+    from AirwayRefineLib.pipeline import REPORT_FILES, RUN_FILE, STAGE1_FILE
 
     out = tmp_path / "run"
     code = main(["run", "--in", str(small_ct), "--out", str(out), "--model", str(tiny_model),
-                 "--connection-model", str(connection_model), "--device", "cpu", "--no-report"])
+                 "--connection-model", str(connection_model), "--device", "cpu"])
     assert code == 0
     summary = json.loads((out / RUN_FILE).read_text())
     assert set(summary["outputs"]) == {p.name for p in out.iterdir()}
-    assert {STAGE1_FILE, *REFINE_FILES, RUN_FILE} <= set(summary["outputs"])
+    assert {STAGE1_FILE, *REFINE_FILES, *REPORT_FILES, RUN_FILE} <= set(summary["outputs"])
+    # The report can be drawn again from the folder alone.
+    first = (out / "report.html").stat().st_mtime_ns
+    assert main(["report", "--run", str(out)]) == 0
+    assert (out / "report.html").stat().st_mtime_ns >= first and (out / "report.png").stat().st_size > 0
+    assert main(["report", "--run", str(tmp_path)]) == 2
     assert set(summary["timings_s"]) >= {"read", "stage1", "stage2", "centerlines", "total"}
     reference = read_volume(small_ct)
     for name in (STAGE1_FILE, "labels.nii.gz", "attention.nii.gz"):

@@ -53,7 +53,6 @@ from .attention import DEFAULT_ALPHA_MM, AttentionBlob, blob_labels, breakage_at
 CONNECTION_PATCH_ZYX = (64, 64, 64)
 #: Attention above this forms a blob (the second-nearest component is closer than alpha).
 BLOB_THRESHOLD = 0.5
-_STRUCTURE_26 = np.ones((3, 3, 3), dtype=bool)
 
 
 def connection_input(hu_zyx: np.ndarray, attention_zyx: np.ndarray, spec: InputSpec) -> np.ndarray:
@@ -267,15 +266,20 @@ def _read_break(
     in_blob = crop_padded(blobs_zyx, blob.centre_zyx, size, 0) == blob.label
     # Gap point: the blob's attention peak (its voxel nearest to a second component) in the patch.
     attention_in_blob = np.where(in_blob, crop_padded(attention, blob.centre_zyx, size, 0.0), -1.0)
-    peak = np.unravel_index(int(np.argmax(attention_in_blob)), attention_in_blob.shape)
+    # A blob larger than the patch may leave it; its centre is then the gap point.
+    peak = np.unravel_index(int(np.argmax(attention_in_blob)), size) if in_blob.any() else tuple(size // 2)
     # The two components nearest the gap point (module docstring).
-    distance1, nearest_index = ndimage.distance_transform_edt(comp == 0, sampling=spacing, return_indices=True)
-    first = int(comp[tuple(ix[peak] for ix in nearest_index)])
-    others = (comp > 0) & (comp != first)
+    # Distances from the gap point to every labelled voxel of the patch (the components that
+    # matter lie within the cutoff, well inside a 64^3 patch): one vectorised pass, no transform.
+    voxels = np.argwhere(comp > 0)
+    owner = comp[tuple(voxels.T)]
+    distance = np.sqrt(((voxels - np.asarray(peak)) ** 2 * np.square(spacing)).sum(axis=1))
+    first = int(owner[np.argmin(distance)]) if len(voxels) else 0
+    others = owner != first
     if others.any():
-        distance2, second_index = ndimage.distance_transform_edt(~others, sampling=spacing, return_indices=True)
-        second = int(comp[tuple(ix[peak] for ix in second_index)])
-        gap = float(distance1[peak] + distance2[peak])
+        nearest_other = int(np.argmin(np.where(others, distance, np.inf)))
+        second = int(owner[nearest_other])
+        gap = float(distance.min() + distance[nearest_other])
     else:  # the second component lies beyond the patch
         second, gap = 0, float("nan")
     # Bridge: predicted pieces outside the mask touching two or more components.
@@ -308,19 +312,15 @@ def _read_break(
 
 
 def _touched_components(pieces: np.ndarray, n_pieces: int, comp: np.ndarray) -> dict[int, set[int]]:
-    """For each predicted piece, the set of components its 26-neighbourhood touches."""
+    """For each predicted piece (1..n), the components (labels of ``comp``) it touches at 26-connectivity."""
+    # Pieces and components in one label volume (components shifted past the pieces), then
+    # the pairs of labels that touch.
+    combined = np.where(pieces > 0, pieces, np.where(comp > 0, comp.astype(np.int64) + n_pieces, 0)).astype(np.uint32)
     touched: dict[int, set[int]] = {piece: set() for piece in range(1, n_pieces + 1)}
-    grown = ndimage.grey_dilation(pieces, footprint=_STRUCTURE_26)
-    # A voxel of a component beside two pieces is credited to the larger label only; pieces are
-    # separated by at least one non-predicted voxel, and a component voxel they share is rare.
-    contact = (comp > 0) & (grown > 0)
-    for piece, component in set(zip(grown[contact].tolist(), comp[contact].tolist())):
-        touched[piece].add(component)
-    # Exact for the rest: every piece is checked on its own neighbourhood.
-    for piece in range(1, n_pieces + 1):
-        if len(touched[piece]) < 2:
-            region = ndimage.binary_dilation(pieces == piece, structure=_STRUCTURE_26)
-            touched[piece] = set(np.unique(comp[region & (comp > 0)]).tolist())
+    for a, b in cc3d.contacts(combined, connectivity=26):
+        low, high = min(a, b), max(a, b)
+        if low <= n_pieces < high:
+            touched[low].add(high - n_pieces)
     return touched
 
 

@@ -35,7 +35,7 @@ from AirwaySegmentationLib.volume import read_ct, write_json, write_volume
 
 from .centerline import CENTERLINE_FILES, extract_centerlines, write_centerlines
 from .connect import load_connection_model
-from .refine import refine_ct, write_refinement
+from .refine import REFINE_FILES, refine_ct, write_refinement
 
 STAGE1_FILE = "stage1_labels.nii.gz"
 REPORT_FILES = ("report.png", "report.html")
@@ -169,17 +169,10 @@ def run_pipeline(
                 raise
             summary["report"] = "skipped: matplotlib is not installed (pip install 'slicer-airway[report]')"
         else:
-            table = {
-                "components before": prediction.components_before,
-                "components after": refined.components_after,
-                "breaks found / bridged / merged": f"{summary['breaks_found']} / {summary['breaks_bridged']} / {summary['breaks_merged']}",
-                "run time (s)": round(time.perf_counter() - started, 1),
-                "stage-1 model": stage1.source,
-                "stage-2 model": stage2.source,
-                "device": summary["device"],
-            }
+            summary["timings_s"]["total"] = round(time.perf_counter() - started, 3)
             write_report(out, ct, stage1_result.labels, refined.labels, refined.attention,
-                         refined.breaks_document()["breaks"], centerlines, table, title=f"Airway tree of {Path(ct_path).name}")
+                         refined.breaks_document()["breaks"], centerlines, _report_table(summary),
+                         title=f"Airway tree of {Path(ct_path).name}")
             outputs += list(REPORT_FILES)
         step("report", begin)
     timings["total"] = round(time.perf_counter() - started, 3)
@@ -187,6 +180,49 @@ def run_pipeline(
     write_json(summary, out / RUN_FILE)
     report(progress, 1.0, f"Done in {timings['total']:.1f} s")
     return PipelineResult(out, summary["outputs"], summary)
+
+
+def _report_table(summary: dict) -> dict:
+    """The run facts the report's table shows, from ``run.json``'s content."""
+    # The report counts breaks and branches itself; components_after is the count after the
+    # merge (before the largest component is kept, after which it is always 1).
+    return {
+        "components_before": summary["components_before"],
+        "components_after": summary["components_after_merge"],
+        "run time (s)": round(summary["timings_s"]["total"], 1),
+        "stage-1 model": summary["models"]["stage1"]["source"],
+        "stage-2 model": summary["models"]["stage2"]["source"],
+        "device": summary["device"],
+    }
+
+
+def report_folder(run_dir: str | os.PathLike) -> tuple[Path, Path]:
+    """``airway report``: draw ``report.png`` / ``report.html`` again from the files of an ``airway run`` folder.
+
+    Reads ``run.json`` (which names the CT), the stage-1 and final labels, the attention,
+    ``breaks.json`` and ``branches.json``.
+    """
+    import json
+
+    from AirwaySegmentationLib.volume import read_label, read_volume
+
+    from .centerline import read_centerlines
+    from .report import write_report
+
+    folder = Path(run_dir)
+    missing = [name for name in (RUN_FILE, STAGE1_FILE, *REFINE_FILES) if not (folder / name).is_file()]
+    if missing:
+        raise AirwayInputError(f"{folder} is not a finished airway run folder: {missing[0]} is missing; run airway run first.")
+    summary = json.loads((folder / RUN_FILE).read_text())
+    ct = read_ct(summary["ct"])
+    stage1_labels = read_label(folder / STAGE1_FILE, reference=ct)
+    labels = read_label(folder / REFINE_FILES[0], reference=ct)
+    attention = read_volume(folder / REFINE_FILES[1])
+    breaks = json.loads((folder / REFINE_FILES[2]).read_text())["breaks"]
+    branches = folder / CENTERLINE_FILES[3]
+    centerlines = read_centerlines(branches) if branches.is_file() else None
+    return write_report(folder, ct, stage1_labels, labels, attention, breaks, centerlines, _report_table(summary),
+                        title=f"Airway tree of {Path(summary['ct']).name}")
 
 
 def run_demo(

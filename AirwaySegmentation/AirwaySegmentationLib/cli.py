@@ -140,7 +140,7 @@ def _connect_choice(text: str) -> str | list[int]:
 def _cmd_refine(args: argparse.Namespace) -> int:
     from AirwayRefineLib.refine import refine_file
 
-    settings = InferenceSettings(device=args.device, precision=args.precision, batch_size=args.batch_size, threads=args.threads)
+    settings = _engine_settings(args)
     result = refine_file(args.ct, args.labels, args.out, args.model, settings, connect=_connect_choice(args.connect),
                          progress=TextProgressBar())
     found = len(result.prediction.breaks)
@@ -168,7 +168,7 @@ def _print_run(result) -> None:
 def _cmd_run(args: argparse.Namespace) -> int:
     from AirwayRefineLib.pipeline import run_pipeline
 
-    settings = InferenceSettings(device=args.device, precision=args.precision, batch_size=args.batch_size, threads=args.threads)
+    settings = _engine_settings(args)
     result = run_pipeline(
         args.input, args.out, model=args.model, connection_model=args.connection_model, settings=settings,
         connect=_connect_choice(args.connect), make_report=not args.no_report, progress=TextProgressBar(),
@@ -180,10 +180,18 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from AirwayRefineLib.pipeline import run_demo
 
-    settings = InferenceSettings(device=args.device, precision=args.precision, batch_size=args.batch_size, threads=args.threads)
+    settings = _engine_settings(args)
     result = run_demo(args.out, seed=args.seed, shape_zyx=tuple(args.shape), settings=settings, progress=TextProgressBar())
     print(f"demo phantom (CT and ground truth): {args.out / 'phantom'}")
     _print_run(result)
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from AirwayRefineLib.pipeline import report_folder
+
+    png, html = report_folder(args.run_dir)
+    print(f"{png}\n{html}")
     return 0
 
 
@@ -382,6 +390,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_arguments(demo)
     demo.set_defaults(run=_cmd_demo, interrupted="the files of the finished steps are kept in --out")
 
+    report_command = commands.add_parser(
+        "report",
+        help="draw the visual report of an airway run folder again",
+        description="Draw report.png and report.html (3-D tree by class with the breaks, coronal minimum-intensity "
+        "projection with the labels, axial slices with the attention, a table of branches, components, breaks "
+        "and run time) from the files airway run wrote. Python: AirwayRefineLib.pipeline.report_folder; "
+        "AirwayRefineLib.report.write_report for arrays.",
+    )
+    report_command.add_argument("--run", dest="run_dir", required=True, type=Path, help="an airway run output folder")
+    report_command.set_defaults(run=_cmd_report)
+
     centerline = commands.add_parser(
         "centerline",
         help="centerlines of an airway mask for planning tools",
@@ -406,6 +425,11 @@ def build_parser() -> argparse.ArgumentParser:
     route.add_argument("--out", required=True, type=Path, help="output folder")
     route.set_defaults(run=_cmd_route)
     return parser
+
+
+def _engine_settings(args: argparse.Namespace) -> InferenceSettings:
+    """The settings of :func:`_add_engine_arguments`'s options (the rest default)."""
+    return InferenceSettings(device=args.device, precision=args.precision, batch_size=args.batch_size, threads=args.threads)
 
 
 def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
