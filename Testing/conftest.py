@@ -47,3 +47,24 @@ def converter_rules() -> None:
     ):
         if rule_class.__name__ not in registered:
             factory.RegisterConverterRule(rule_class())
+
+
+def broken_tube_arrays():
+    """A CT with an air tube along x (-1000 HU in -850 HU tissue) and stage-1 labels of it with a 6-voxel gap.
+
+    The labels hold class 2 before the gap (x < 28), class 3 after it (x >= 34) and a class-3
+    false-positive ball in the tissue 4 voxels beside the tube: three pieces.  Returns the CT
+    (int16, shape (32, 32, 64)), the labels (uint8) and the gap's lumen voxels (bool).
+    """
+    import numpy as np
+
+    shape = (32, 32, 64)
+    z, y, x = np.indices(shape)
+    lumen = ((z - 16) ** 2 + (y - 12) ** 2 <= 9) & (x >= 4) & (x < 60)
+    ct = np.full(shape, -850, dtype=np.int16)
+    ct[lumen] = -1000
+    labels = np.zeros(shape, dtype=np.uint8)
+    labels[lumen & (x < 28)] = 2
+    labels[lumen & (x >= 34)] = 3
+    labels[(z - 16) ** 2 + (y - 23) ** 2 + (x - 50) ** 2 <= 4] = 3
+    return ct, labels, lumen & (x >= 28) & (x < 34)

@@ -32,6 +32,7 @@ from AirwaySegmentationLib.train import train
 from AirwaySegmentationLib.train_config import config_from_dict
 from AirwaySegmentationLib.tree import parse_airway_tree
 from AirwaySegmentationLib.volume import Geometry, Volume, read_volume, to_sitk
+from conftest import broken_tube_arrays
 
 FLOAT32 = InferenceSettings(device="cpu", precision="float32")
 PATCH = (32, 32, 32)
@@ -55,24 +56,7 @@ def oracle() -> SegmentationModel:
     return SegmentationModel(LumenOracle(), {"attention": {"alpha_mm": 5.0}}, "oracle", CONNECTION_INPUT_SPEC, PATCH)
 
 
-def tube_case():
-    """A tube along x (lumen -1000 HU in -850 HU tissue) with a 6-voxel gap, and a dark-free blob beside it.
-
-    Returns CT, stage-1 labels (class 2 before the gap, 3 after, a class-3 false-positive ball
-    in tissue 4 voxels from the tube) and the gap's voxels.
-    """
-    shape = (32, 32, 64)
-    z, y, x = np.indices(shape)
-    lumen = ((z - 16) ** 2 + (y - 12) ** 2 <= 9) & (x >= 4) & (x < 60)
-    ct = np.full(shape, -850, dtype=np.int16)
-    ct[lumen] = -1000
-    labels = np.zeros(shape, dtype=np.uint8)
-    labels[lumen & (x < 28)] = 2
-    labels[lumen & (x >= 34)] = 3
-    ball = (z - 16) ** 2 + (y - 23) ** 2 + (x - 50) ** 2 <= 4
-    labels[ball] = 3
-    gap = lumen & (x >= 28) & (x < 34)
-    return ct, labels, gap
+tube_case = broken_tube_arrays
 
 
 def test_a_gap_in_a_lumen_is_bridged_and_a_false_positive_is_not():

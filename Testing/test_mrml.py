@@ -373,3 +373,79 @@ def test_bad_centerlines_are_refused_before_any_node_is_added(scene) -> None:
     with pytest.raises(ValueError, match="non-negative radii"):
         mrml.curve_nodes_from_centerlines([good, ("short", np.zeros((3, 3)), np.ones(2))], scene)
     assert scene.GetNumberOfNodesByClass("vtkMRMLMarkupsCurveNode") == 0
+
+
+def test_centerline_model_holds_polylines_in_ras_with_radius_and_cell_arrays(scene) -> None:
+    trachea = np.array([[0.0, 0.0, 0.0], [1.0, -2.0, -10.0], [2.5, -3.0, -20.0]])
+    branch = np.array([[2.5, -3.0, -20.0], [12.0, -4.0, -28.0]])
+    node = mrml.centerline_model_node(
+        [("trachea", trachea, [8.0, 7.5, 7.0]), ("left main", branch, [5.0, 4.0])], scene, "Airway centerlines",
+        cell_values={"BranchId": [0, 1], "ParentId": [-1, 0]},
+    )
+    assert node.GetClassName() == "vtkMRMLModelNode" and node.GetName() == "Airway centerlines"
+    assert node.GetDisplayNode() is not None
+    polydata = node.GetPolyData()
+    assert (polydata.GetNumberOfLines(), polydata.GetNumberOfPoints()) == (2, 5)
+    points = numpy_support.vtk_to_numpy(polydata.GetPoints().GetData())
+    for cell, expected in enumerate((trachea, branch)):
+        ids = polydata.GetCell(cell).GetPointIds()
+        cell_points = points[[ids.GetId(i) for i in range(ids.GetNumberOfIds())]]
+        np.testing.assert_allclose(cell_points, expected * [-1.0, -1.0, 1.0], atol=1e-12)
+    np.testing.assert_array_equal(numpy_support.vtk_to_numpy(polydata.GetPointData().GetArray("Radius")), [8.0, 7.5, 7.0, 5.0, 4.0])
+    np.testing.assert_array_equal(numpy_support.vtk_to_numpy(polydata.GetCellData().GetArray("ParentId")), [-1, 0])
+    with pytest.raises(ValueError, match="one per centerline"):
+        mrml.centerline_model_node([("trachea", trachea, [8.0, 7.5, 7.0])], scene, "bad", {"BranchId": [0, 1]})
+    with pytest.raises(ValueError, match="N >= 2"):
+        mrml.centerline_model_node([("one point", np.zeros((1, 3)), [1.0])], scene, "bad")
+    assert scene.GetNumberOfNodesByClass("vtkMRMLModelNode") == 1
+
+
+# --- display -----------------------------------------------------------------------------------
+
+
+def _inferno_colors(scene) -> None:
+    """Slicer's Inferno table, as the application loads it at start-up (the node ID comes from its singleton tag)."""
+    colors = slicer_core.vtkMRMLColorTableNode()
+    colors.SetTypeToFile()
+    colors.SetSingletonTag("FileInferno.txt")
+    scene.AddNode(colors)
+    assert colors.GetID() == mrml.INFERNO_COLOR_NODE_ID
+
+
+def test_overlay_is_the_foreground_of_every_slice_view_in_inferno(scene) -> None:
+    _inferno_colors(scene)
+    views = [scene.AddNewNodeByClass("vtkMRMLSliceCompositeNode") for _ in range(3)]
+    attention = mrml.node_from_volume(Volume(np.linspace(0, 1, 60, dtype=np.float32).reshape(3, 4, 5), OBLIQUE), scene, "attention")
+    assert mrml.show_as_overlay(attention)
+    display = attention.GetDisplayNode()
+    assert display.GetColorNodeID() == mrml.INFERNO_COLOR_NODE_ID
+    assert (display.GetAutoWindowLevel(), display.GetWindow(), display.GetLevel()) == (0, 1.0, 0.5)
+    # Low attention is transparent, so that the CT is not darkened away from the breaks.
+    assert (display.GetApplyThreshold(), display.GetLowerThreshold(), display.GetUpperThreshold()) == (1, 0.05, 1.0)
+    assert all((v.GetForegroundVolumeID(), v.GetForegroundOpacity()) == (attention.GetID(), 0.4) for v in views)
+
+
+def test_overlay_without_slicers_colour_files_keeps_the_default_colours(scene) -> None:
+    attention = mrml.node_from_volume(Volume(np.zeros((3, 4, 5), np.float32), OBLIQUE), scene, "attention")
+    default = attention.GetDisplayNode().GetColorNodeID()
+    assert not mrml.show_as_overlay(attention, opacity=0.25)
+    assert attention.GetDisplayNode().GetColorNodeID() == default
+    with pytest.raises(ValueError, match="opacity"):
+        mrml.show_as_overlay(attention, opacity=1.5)
+
+
+def test_slice_views_jump_to_an_lps_point(scene) -> None:
+    slicer_core.vtkMRMLSliceNode.AddDefaultSliceOrientationPresets(scene)  # as the Slicer application does
+    views = []
+    for orientation in ("Axial", "Sagittal", "Coronal"):
+        view = scene.AddNewNodeByClass("vtkMRMLSliceNode")
+        view.SetDimensions(256, 256, 1)
+        view.SetFieldOfView(250.0, 250.0, 1.0)
+        assert view.SetOrientation(orientation)
+        views.append(view)
+    mrml.jump_slices_to(scene, (12.5, -30.0, -210.0))
+    for view in views:
+        slice_to_ras = _matrix(lambda m, v=view: m.DeepCopy(v.GetSliceToRAS()))
+        np.testing.assert_allclose(slice_to_ras[:3, 3], [-12.5, 30.0, -210.0], atol=1e-9)
+    with pytest.raises(ValueError, match="3 finite LPS"):
+        mrml.jump_slices_to(scene, (1.0, 2.0))

@@ -5,10 +5,12 @@ module: a syntax error, a ``self.ui.NAME`` the .ui lacks (or of another widget c
 ``SlicerParameterName`` that names no parameter, a Lib file missing from the CMake list (the
 Slicer package would lack it), a requirement that would replace Slicer's own packages.
 
-With the ``slicer-core`` wheel (Slicer's real MRML classes) the module file is imported and its
-Logic runs the whole flow on a real scene: CT node -> core -> segmentation node.  Importing the
-module file needs stand-ins for what only the Slicer application provides; see
-:func:`_slicer_stand_ins` for exactly what is stubbed.
+With the ``slicer-core`` wheel (Slicer's real MRML classes) the module files are imported and
+their Logic runs the whole flow on a real scene: CT node -> core -> segmentation node for
+AirwaySegmentation; CT and stage-1 segmentation -> attention, breaks, connection, centerlines and
+a training pair for AirwayRefine (whose self-test also runs here).  Importing the module files
+needs stand-ins for what only the Slicer application provides; see :func:`_slicer_stand_ins` for
+exactly what is stubbed.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import re
 import sys
 import time
 import types
+import unittest
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -36,9 +39,10 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
-#: Module folders: a top-level folder NAME holding NAME.py (AirwaySegmentation; AirwayRefine later).
+#: Module folders: a top-level folder NAME holding NAME.py (AirwayRefine, AirwaySegmentation).
 MODULE_DIRS = sorted(path.parent for path in ROOT.glob("*/*.py") if path.stem == path.parent.name)
 SEGMENTATION_DIR = ROOT / "AirwaySegmentation"
+REFINE_DIR = ROOT / "AirwayRefine"
 #: Packages Slicer ships (and torch, from the PyTorch extension): never in requirements.txt.
 NOT_PIP_INSTALLED = {"numpy", "scipy", "simpleitk", "vtk", "torch"}
 #: Core dependencies the module does not need inside Slicer (training configuration files only).
@@ -61,6 +65,40 @@ EXPECTED_WIDGET_CLASSES = {
 EXPECTED_NODE_TYPES = {
     "inputSelector": ["vtkMRMLScalarVolumeNode"],
     "outputSegmentationSelector": ["vtkMRMLSegmentationNode"],
+}
+REFINE_WIDGET_CLASSES = {
+    "inputSelector": "qMRMLNodeComboBox",
+    "inputSegmentationSelector": "qMRMLNodeComboBox",
+    "modelPathLineEdit": "ctkPathLineEdit",
+    "outputSegmentationSelector": "qMRMLNodeComboBox",
+    "attentionVolumeSelector": "qMRMLNodeComboBox",
+    "showAttentionCheckBox": "QCheckBox",
+    "deviceComboBox": "QComboBox",
+    "applyButton": "QPushButton",
+    "progressBar": "QProgressBar",
+    "statusLabel": "QLabel",
+    "breaksTableWidget": "QTableWidget",
+    "connectAllButton": "QPushButton",
+    "connectSelectedButton": "QPushButton",
+    "centerlinesFolderLineEdit": "ctkPathLineEdit",
+    "exportCenterlinesButton": "QPushButton",
+    "datasetFolderLineEdit": "ctkPathLineEdit",
+    "trainingCaseNameLineEdit": "QLineEdit",
+    "addToTrainingSetButton": "QPushButton",
+}
+REFINE_NODE_TYPES = {
+    "inputSelector": ["vtkMRMLScalarVolumeNode"],
+    "inputSegmentationSelector": ["vtkMRMLSegmentationNode"],
+    "outputSegmentationSelector": ["vtkMRMLSegmentationNode"],
+    "attentionVolumeSelector": ["vtkMRMLScalarVolumeNode"],
+}
+#: Per module: widget classes, node types of the selectors, options bound to a widget.
+EXPECTED_WIDGETS = {
+    "AirwaySegmentation": (EXPECTED_WIDGET_CLASSES, EXPECTED_NODE_TYPES,
+                           {"inputVolume", "outputSegmentation", "device", "overlap", "keepAllComponents", "createProbability"}),
+    "AirwayRefine": (REFINE_WIDGET_CLASSES, REFINE_NODE_TYPES,
+                     {"inputVolume", "inputSegmentation", "outputSegmentation", "attentionVolume", "showAttention", "device",
+                      "trainingCaseName"}),
 }
 
 
@@ -94,8 +132,8 @@ def _uncommented(text: str) -> str:
 # --- module code and .ui files ------------------------------------------------------------
 
 
-def test_there_is_a_segmentation_module() -> None:
-    assert SEGMENTATION_DIR in MODULE_DIRS
+def test_there_are_both_modules() -> None:
+    assert MODULE_DIRS == [REFINE_DIR, SEGMENTATION_DIR]
 
 
 @pytest.mark.parametrize("folder", MODULE_DIRS, ids=lambda folder: folder.name)
@@ -116,10 +154,12 @@ def test_every_widget_the_code_uses_is_in_the_ui(folder: Path) -> None:
     assert used - set(_ui_widgets(_ui_file(folder))) == set()
 
 
-def test_widgets_have_the_classes_the_code_expects() -> None:
-    widgets = _ui_widgets(_ui_file(SEGMENTATION_DIR))
-    assert {name: widgets[name].get("class") for name in EXPECTED_WIDGET_CLASSES} == EXPECTED_WIDGET_CLASSES
-    for name, node_types in EXPECTED_NODE_TYPES.items():
+@pytest.mark.parametrize("folder", MODULE_DIRS, ids=lambda folder: folder.name)
+def test_widgets_have_the_classes_the_code_expects(folder: Path) -> None:
+    classes, node_types_of, _ = EXPECTED_WIDGETS[folder.name]
+    widgets = _ui_widgets(_ui_file(folder))
+    assert {name: widgets[name].get("class") for name in classes} == classes
+    for name, node_types in node_types_of.items():
         assert [s.text for s in widgets[name].findall("./property[@name='nodeTypes']/stringlist/string")] == node_types
 
 
@@ -140,12 +180,10 @@ def test_every_slicer_parameter_name_is_a_parameter(folder: Path) -> None:
     assert named and named <= _parameter_fields(_module_file(folder))
 
 
-def test_parameter_widgets_cover_the_options() -> None:
-    named = {
-        _string_property(widget, "SlicerParameterName"): name
-        for name, widget in _ui_widgets(_ui_file(SEGMENTATION_DIR)).items()
-    }
-    assert named.keys() >= {"inputVolume", "outputSegmentation", "device", "overlap", "keepAllComponents", "createProbability"}
+@pytest.mark.parametrize("folder", MODULE_DIRS, ids=lambda folder: folder.name)
+def test_parameter_widgets_cover_the_options(folder: Path) -> None:
+    named = {_string_property(widget, "SlicerParameterName") for widget in _ui_widgets(_ui_file(folder)).values()}
+    assert named >= EXPECTED_WIDGETS[folder.name][2]
 
 
 @pytest.mark.parametrize("folder", MODULE_DIRS, ids=lambda folder: folder.name)
@@ -173,21 +211,23 @@ def test_custom_widget_classes_are_declared(folder: Path) -> None:
 # --- CMake ------------------------------------------------------------------------------------
 
 
-def test_cmake_lists_every_lib_file() -> None:
-    text = (SEGMENTATION_DIR / "CMakeLists.txt").read_text()
+@pytest.mark.parametrize("folder", MODULE_DIRS, ids=lambda folder: folder.name)
+def test_cmake_lists_every_lib_file(folder: Path) -> None:
+    text = (folder / "CMakeLists.txt").read_text()
     name = re.search(r"set\(MODULE_NAME (\w+)\)", text).group(1)
-    assert name == SEGMENTATION_DIR.name
+    assert name == folder.name
     listed = [entry.replace("${MODULE_NAME}", name) for entry in _cmake_list(text, "MODULE_PYTHON_SCRIPTS")]
     assert len(listed) == len(set(listed)), "a file is listed twice"
-    lib = SEGMENTATION_DIR / f"{name}Lib"
-    on_disk = {path.relative_to(SEGMENTATION_DIR).as_posix() for path in lib.rglob("*.py")}
+    lib = folder / f"{name}Lib"
+    on_disk = {path.relative_to(folder).as_posix() for path in lib.rglob("*.py")}
     assert set(listed) == on_disk | {f"{name}.py"}
 
 
-def test_cmake_resources_exist_and_cover_the_resources_folder() -> None:
-    text = (SEGMENTATION_DIR / "CMakeLists.txt").read_text()
-    listed = {entry.replace("${MODULE_NAME}", SEGMENTATION_DIR.name) for entry in _cmake_list(text, "MODULE_PYTHON_RESOURCES")}
-    on_disk = {p.relative_to(SEGMENTATION_DIR).as_posix() for p in (SEGMENTATION_DIR / "Resources").rglob("*") if p.is_file()}
+@pytest.mark.parametrize("folder", MODULE_DIRS, ids=lambda folder: folder.name)
+def test_cmake_resources_exist_and_cover_the_resources_folder(folder: Path) -> None:
+    text = (folder / "CMakeLists.txt").read_text()
+    listed = {entry.replace("${MODULE_NAME}", folder.name) for entry in _cmake_list(text, "MODULE_PYTHON_RESOURCES")}
+    on_disk = {p.relative_to(folder).as_posix() for p in (folder / "Resources").rglob("*") if p.is_file()}
     assert listed == on_disk
     assert "slicer_add_python_unittest(SCRIPT ${MODULE_NAME}.py)" in _uncommented(text)
 
@@ -295,16 +335,34 @@ def _slicer_stand_ins() -> dict[str, types.ModuleType]:
     }
 
 
+def _import_module_file(folder: Path, patch: pytest.MonkeyPatch) -> types.ModuleType:
+    """NAME.py imported as module NAME, as Slicer imports scripted modules (so that another module can import it)."""
+    spec = importlib.util.spec_from_file_location(folder.name, _module_file(folder))
+    loaded = importlib.util.module_from_spec(spec)
+    patch.setitem(sys.modules, folder.name, loaded)
+    spec.loader.exec_module(loaded)
+    return loaded
+
+
 @pytest.fixture(scope="module")
-def module():
-    """AirwaySegmentation.py imported with the stand-ins (removed again after the tests)."""
+def modules() -> dict[str, types.ModuleType]:
+    """Both module files imported with the stand-ins (removed again after the tests); AirwayRefine imports AirwaySegmentation."""
     with pytest.MonkeyPatch.context() as patch:
         for name, stand_in in _slicer_stand_ins().items():
             patch.setitem(sys.modules, name, stand_in)
-        spec = importlib.util.spec_from_file_location("AirwaySegmentation", _module_file(SEGMENTATION_DIR))
-        loaded = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(loaded)
-        yield loaded
+        yield {folder.name: _import_module_file(folder, patch) for folder in (SEGMENTATION_DIR, REFINE_DIR)}
+
+
+@pytest.fixture(scope="module")
+def module(modules) -> types.ModuleType:
+    """AirwaySegmentation.py."""
+    return modules["AirwaySegmentation"]
+
+
+@pytest.fixture(scope="module")
+def refine_module(modules) -> types.ModuleType:
+    """AirwayRefine.py."""
+    return modules["AirwayRefine"]
 
 
 def test_device_choices_are_the_cores(module) -> None:
@@ -341,7 +399,7 @@ def test_model_titles_show_expected_times_and_names_resolve_to_files(module, tmp
     assert logic.resolveModel("", "/data/mine.safetensors", modelsDir=folder) == "/data/mine.safetensors"
     with pytest.raises(ValueError, match="no bundled model named"):
         logic.resolveModel("missing", modelsDir=folder)
-    with pytest.raises(ValueError, match="no bundled model yet"):
+    with pytest.raises(ValueError, match="no bundled segmentation model yet"):
         logic.resolveModel(modelsDir=_catalogue(tmp_path / "empty", []))
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "catalogue.json").write_text("{")
@@ -542,3 +600,246 @@ def test_background_run_on_a_gpu(module, scene_with_ct, tiny_model) -> None:
     assert status.error is None, status.traceback
     assert status.result.info["device"].startswith("cuda")
     assert logic.importResult(status.result, ct_node, showResult=False).segmentation.GetSegmentation().GetNumberOfSegments() == 3
+
+
+# --- AirwayRefine: the Logic on a real MRML scene -----------------------------------------------
+
+
+def _broken_airway_case():
+    """A CT with an air tube along x in lung tissue, and stage-1 labels of it with a 6 mm gap.
+
+    The labels hold class 2 before the gap (x < 28), class 3 after it (x >= 34) and a class-3
+    false-positive ball in the tissue beside the tube: three pieces.  The grid is oblique and
+    1 mm isotropic, so that the lumen oracle bridges the gap end to end (attention > 0.2).
+    Returns the CT, the stage-1 labels and the gap's voxels.
+    """
+    from AirwaySegmentationLib.volume import Geometry, Volume
+    from conftest import broken_tube_arrays
+
+    c, s = np.cos(0.3), np.sin(0.3)
+    geometry = Geometry(spacing_xyz=(1.0, 1.0, 1.0), origin_xyz=(-120.0, 35.5, 210.0), direction=(c, -s, 0, s, c, 0, 0, 0, -1))
+    ct, labels, gap = broken_tube_arrays()
+    return Volume(ct, geometry), Volume(labels, geometry), gap
+
+
+@pytest.fixture
+def broken_airway_scene(slicer_core, converter_rules):
+    """A scene with the broken-airway CT and its stage-1 segmentation, and three slice views."""
+    from AirwaySegmentationLib import mrml
+
+    scene = slicer_core.vtkMRMLScene()
+    ct, labels, gap = _broken_airway_case()
+    ct_node = mrml.node_from_volume(ct, scene, "Chest CT")
+    stage1_node = mrml.segmentation_node_from_labels(labels, scene, "Chest CT airway", reference_node=ct_node)
+    slicer_core.vtkMRMLSliceNode.AddDefaultSliceOrientationPresets(scene)
+    for orientation in ("Axial", "Sagittal", "Coronal"):
+        view = scene.AddNewNodeByClass("vtkMRMLSliceNode")
+        view.SetOrientation(orientation)
+        scene.AddNewNodeByClass("vtkMRMLSliceCompositeNode").SetBackgroundVolumeID(ct_node.GetID())
+    return types.SimpleNamespace(scene=scene, ct=ct, labels=labels, gap=gap, ct_node=ct_node, stage1_node=stage1_node)
+
+
+@pytest.fixture(scope="module")
+def oracle(refine_module):
+    return refine_module.AirwayRefineTest.lumenOracle()
+
+
+@pytest.fixture
+def refinement(refine_module, broken_airway_scene, oracle):
+    case = broken_airway_scene
+    return refine_module.AirwayRefineLogic().process(case.ct_node, case.stage1_node, model=oracle, device="cpu", showResult=False)
+
+
+def test_break_table_rows(refine_module) -> None:
+    record = {"id": 4, "gap_mm": float("nan"), "confidence": 0.31234, "connected": False, "merged": False,
+              "component_voxels": [5120, 37], "position_lps_mm": [1.0, 2.0, 3.0]}
+    bridged = {**record, "id": 5, "gap_mm": 6.04, "confidence": 0.98, "connected": True, "merged": True}
+    assert refine_module.breakTableRows([record, bridged]) == [
+        ["4", "-", "0.31", "no", "no", "5120 / 37"],  # NaN gap: the second piece lies beyond the patch
+        ["5", "6.0", "0.98", "yes", "yes", "5120 / 37"],
+    ]
+
+
+def test_refine_connects_the_known_break_into_a_new_node_and_shows_the_attention(refine_module, broken_airway_scene, oracle, refinement) -> None:
+    from AirwayRefineLib.refine import refine_ct
+    from AirwaySegmentationLib import mrml
+    from AirwaySegmentationLib.inference_settings import InferenceSettings
+
+    case = broken_airway_scene
+    assert refinement.segmentation is not case.stage1_node and refinement.segmentation.GetName() == "Chest CT airway refined"
+    assert case.scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 2
+    # The module adds nothing to the core's answer.
+    expected = refine_ct(case.ct, case.labels, oracle, InferenceSettings(device="cpu"))
+    refined = mrml.labels_from_segmentation_node(refinement.segmentation, case.ct).array_zyx
+    np.testing.assert_array_equal(refined, expected.labels.array_zyx)
+    assert refined[case.gap].all() and refined.max() == 3
+    # The stage-1 segmentation is kept as it was.
+    np.testing.assert_array_equal(mrml.labels_from_segmentation_node(case.stage1_node, case.ct).array_zyx, case.labels.array_zyx)
+
+    attention = mrml.volume_from_node(refinement.attention)
+    np.testing.assert_allclose(attention.array_zyx, expected.attention.array_zyx, atol=1e-6)
+    np.testing.assert_allclose(attention.geometry.ijk_to_lps, case.ct.geometry.ijk_to_lps, atol=1e-9)
+    for index in range(3):
+        view = case.scene.GetNthNodeByClass(index, "vtkMRMLSliceCompositeNode")
+        assert (view.GetForegroundVolumeID(), view.GetForegroundOpacity()) == (refinement.attention.GetID(), 0.4)
+        assert view.GetBackgroundVolumeID() == case.ct_node.GetID()
+
+    breaks = refinement.breaks
+    bridged = [b for b in breaks if b["connected"]]
+    assert len(bridged) == 1 and bridged[0]["merged"] and refinement.result.merged_ids == [bridged[0]["id"]]
+    assert all(not b["merged"] for b in breaks if not b["connected"])
+    rows = refine_module.breakTableRows(breaks)
+    assert len(rows) == len(breaks) and all(len(row) == len(refine_module.BREAK_TABLE_COLUMNS) for row in rows)
+    assert rows[breaks.index(bridged[0])][1:5] == [f"{bridged[0]['gap_mm']:.1f}", f"{bridged[0]['confidence']:.2f}", "yes", "yes"]
+    summary = refine_module.AirwayRefineLogic.summary(refinement)
+    assert summary.startswith(f"{len(breaks)} breaks found, 1 bridged, 1 connected; 3 airway pieces, 2 after")
+
+
+def test_connect_selected_or_none_refills_the_refined_node_only(refine_module, broken_airway_scene, refinement) -> None:
+    from AirwaySegmentationLib import mrml
+    from AirwaySegmentationLib.errors import AirwayInputError
+
+    case = broken_airway_scene
+    logic = refine_module.AirwayRefineLogic()
+    bridged = next(b["id"] for b in refinement.breaks if b["connected"])
+    unbridged = next(b["id"] for b in refinement.breaks if not b["connected"])
+
+    def refined(r) -> np.ndarray:
+        return mrml.labels_from_segmentation_node(r.segmentation, case.ct).array_zyx
+
+    none = logic.connectBreaks(refinement, [], showResult=False)
+    assert none.segmentation is refinement.segmentation and none.result.merged_ids == []
+    assert not refined(none)[case.gap].any()
+    assert not any(b["merged"] for b in none.breaks)
+    assert refine_module.AirwayRefineLogic.summary(none).endswith("3 airway pieces, 3 after connecting (the largest is kept).")
+    selected = logic.connectBreaks(none, [bridged], showResult=False)
+    assert refined(selected)[case.gap].all() and selected.result.merged_ids == [bridged]
+    np.testing.assert_array_equal(refined(selected), refinement.result.labels.array_zyx)
+    with pytest.raises(AirwayInputError, match=f"Break {unbridged} has no predicted bridge"):
+        logic.connectBreaks(selected, [unbridged], showResult=False)
+    assert case.scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 2
+    np.testing.assert_array_equal(mrml.labels_from_segmentation_node(case.stage1_node, case.ct).array_zyx, case.labels.array_zyx)
+
+
+def test_refine_fills_chosen_nodes_but_never_an_input(refine_module, broken_airway_scene, oracle) -> None:
+    case = broken_airway_scene
+    logic = refine_module.AirwayRefineLogic()
+    chosen = case.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "my refined airway")
+    attention = case.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "my attention")
+    request = logic.prepare(case.ct_node, case.stage1_node, model=oracle, device="cpu")
+    result = logic.run(request)
+    with pytest.raises(ValueError, match="input segmentation keeps the result before refinement"):
+        logic.importResult(result, request, case.ct_node, case.stage1_node, outputSegmentation=case.stage1_node)
+    with pytest.raises(ValueError, match="the CT cannot receive the attention"):
+        logic.importResult(result, request, case.ct_node, case.stage1_node, attentionVolume=case.ct_node)
+    refinement = logic.importResult(result, request, case.ct_node, case.stage1_node, chosen, attention,
+                                    showAttention=False, showResult=False)
+    assert (refinement.segmentation, refinement.attention) == (chosen, attention)
+    assert (chosen.GetName(), attention.GetName()) == ("my refined airway", "my attention")
+    assert case.scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == 2
+    assert case.scene.GetNthNodeByClass(0, "vtkMRMLSliceCompositeNode").GetForegroundVolumeID() is None
+    with pytest.raises(ValueError, match="Select the airway segmentation"):
+        logic.prepare(case.ct_node, None, model=oracle)
+
+
+def test_refine_in_the_background_then_import(refine_module, broken_airway_scene, oracle) -> None:
+    case = broken_airway_scene
+    logic = refine_module.AirwayRefineLogic()
+    request = logic.prepare(case.ct_node, case.stage1_node, model=oracle, device="cpu")
+    task = refine_module.BackgroundSegmentation(request, refine_module.AirwayRefineLogic.run)
+    task.start()
+    status = _wait(task)
+    assert status.error is None, status.traceback
+    assert status.fraction == 1.0 and status.message.startswith("1 of ") and status.message.endswith(" breaks connected")
+    refinement = logic.importResult(status.result, request, case.ct_node, case.stage1_node, showResult=False)
+    assert refinement.result.merged_ids and refinement.stage1 is request.stage1
+
+    task = refine_module.BackgroundSegmentation(request, refine_module.AirwayRefineLogic.run)
+    task.cancel()
+    task.start()
+    assert _wait(task).cancelled
+
+
+def test_clicking_a_break_centres_the_slice_views_on_it(refine_module, broken_airway_scene, refinement) -> None:
+    case = broken_airway_scene
+    record = next(b for b in refinement.breaks if b["connected"])
+    refine_module.AirwayRefineLogic.jumpToBreak(record, case.scene)
+    x, y, z = record["position_lps_mm"]
+    for index in range(case.scene.GetNumberOfNodesByClass("vtkMRMLSliceNode")):
+        slice_to_ras = case.scene.GetNthNodeByClass(index, "vtkMRMLSliceNode").GetSliceToRAS()
+        np.testing.assert_allclose([slice_to_ras.GetElement(row, 3) for row in range(3)], [-x, -y, z], atol=1e-9)
+
+
+def test_centerlines_become_curves_a_model_and_files_in_one_folder(refine_module, broken_airway_scene, refinement, tmp_path: Path) -> None:
+    from AirwayRefineLib.centerline import CENTERLINE_FILES
+    from AirwaySegmentationLib.classes import AIRWAY_CLASSES
+
+    case = broken_airway_scene
+    logic = refine_module.AirwayRefineLogic()
+    outputs = logic.exportCenterlines(refinement.segmentation, case.ct_node, str(tmp_path / "centerlines"))
+    branches = outputs.tree.branches
+    assert branches and len(outputs.curves) == len(branches)
+    assert [p.name for p in outputs.files] == list(CENTERLINE_FILES) and all(p.is_file() for p in outputs.files)
+    for branch, curve in zip(branches, outputs.curves):
+        assert curve.GetName() == branch.name and curve.GetNumberOfControlPoints() == len(branch.points_xyz)
+        assert curve.GetMeasurement("Radius") is not None and curve.GetLocked()
+        np.testing.assert_allclose(curve.GetDisplayNode().GetSelectedColor(), AIRWAY_CLASSES[branch.airway_class - 1].color_rgb, atol=1e-6)
+    polydata = outputs.model.GetPolyData()
+    assert polydata.GetNumberOfLines() == len(branches)
+    assert polydata.GetCellData().GetArray("Generation").GetNumberOfTuples() == len(branches)
+    hierarchy = case.scene.GetSubjectHierarchyNode()
+    assert hierarchy.GetItemName(outputs.folderItemId) == "Chest CT airway refined centerlines"
+    for node in (outputs.model, *outputs.curves):
+        assert hierarchy.GetItemParent(hierarchy.GetItemByDataNode(node)) == outputs.folderItemId
+    assert refine_module.AirwayRefineLogic.centerlineSummary(outputs).endswith(f"Files in {tmp_path / 'centerlines'}.")
+
+    again = logic.exportCenterlines(refinement.segmentation, case.ct_node)  # replaces the earlier export
+    assert case.scene.GetNumberOfNodesByClass("vtkMRMLMarkupsCurveNode") == len(again.curves) == len(branches)
+    assert case.scene.GetNumberOfNodesByClass("vtkMRMLModelNode") == 1 and again.files == []
+    empty = case.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "empty")
+    empty.GetSegmentation().AddEmptySegment("airway", "Airway")
+    with pytest.raises(ValueError, match="holds no airway"):
+        logic.exportCenterlines(empty, case.ct_node)
+
+
+def test_the_corrected_segmentation_is_added_to_the_training_set(refine_module, broken_airway_scene, refinement, tmp_path: Path) -> None:
+    from AirwaySegmentationLib import mrml
+    from AirwaySegmentationLib.data import find_cases
+    from AirwaySegmentationLib.errors import AirwayInputError
+    from AirwaySegmentationLib.volume import read_volume
+
+    case = broken_airway_scene
+    logic = refine_module.AirwayRefineLogic()
+    # A correction in the Segment Editor: the end of the tube becomes class 2.
+    corrected = refinement.result.labels.array_zyx.copy()
+    corrected[:, :, 56:][corrected[:, :, 56:] > 0] = 2
+    mrml.segmentation_node_from_labels(refinement.result.labels.with_array(corrected), case.scene, "", node=refinement.segmentation)
+
+    image_path, label_path = logic.addToTrainingSet(case.ct_node, refinement.segmentation, tmp_path / "dataset")
+    assert (image_path.name, label_path.name) == ("Chest_CT_0000.nii.gz", "Chest_CT.nii.gz")
+    assert [(c.name, c.image_path, c.label_path) for c in find_cases(tmp_path / "dataset")] == [("Chest_CT", image_path, label_path)]
+    np.testing.assert_array_equal(read_volume(label_path).array_zyx, corrected)
+    np.testing.assert_array_equal(read_volume(image_path).array_zyx, case.ct.array_zyx)
+
+    request = logic.prepareTrainingPair(case.ct_node, refinement.segmentation, tmp_path / "dataset")
+    assert request.name == "Chest_CT" and request.existing == [image_path, label_path] and not request.overwrite
+    with pytest.raises(AirwayInputError, match="already has a case Chest_CT"):
+        logic.runTrainingPair(request)
+    assert logic.addToTrainingSet(case.ct_node, refinement.segmentation, tmp_path / "dataset", overwrite=True) == (image_path, label_path)
+    named = logic.addToTrainingSet(case.ct_node, case.stage1_node, str(tmp_path / "dataset"), "patient 7 (stage 1)")
+    assert named[1].name == "patient_7_stage_1.nii.gz"
+    assert [c.name for c in find_cases(tmp_path / "dataset")] == ["Chest_CT", "patient_7_stage_1"]
+    with pytest.raises(ValueError, match="Choose the dataset folder"):
+        logic.prepareTrainingPair(case.ct_node, refinement.segmentation, "")
+
+
+def test_the_modules_self_test_runs_on_a_slicer_core_scene(refine_module, slicer_core, converter_rules, monkeypatch) -> None:
+    """AirwayRefineTest, the self-test Slicer runs, with a slicer-core scene as slicer.mrmlScene."""
+    monkeypatch.setattr(refine_module.slicer, "mrmlScene", slicer_core.vtkMRMLScene(), raising=False)
+    monkeypatch.setattr(refine_module.slicer, "app", types.SimpleNamespace(processEvents=lambda: None), raising=False)
+
+    class SelfTest(refine_module.AirwayRefineTest, unittest.TestCase):
+        def delayDisplay(self, message, msec=None) -> None:
+            pass
+
+    SelfTest("runTest").runTest()

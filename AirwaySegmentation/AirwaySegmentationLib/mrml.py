@@ -33,7 +33,7 @@ import numpy as np
 from scipy import ndimage
 from vtkmodules.util import numpy_support
 from vtkmodules.vtkCommonCore import vtkPoints
-from vtkmodules.vtkCommonDataModel import vtkImageData
+from vtkmodules.vtkCommonDataModel import vtkCellArray, vtkImageData, vtkPolyData
 from vtkmodules.vtkCommonMath import vtkMatrix4x4
 
 from .classes import AIRWAY_CLASSES
@@ -46,6 +46,8 @@ BINARY_LABELMAP = "Binary labelmap"
 #: Name and units of the per-control-point measurement that carries the lumen radius of a curve.
 RADIUS_MEASUREMENT = "Radius"
 RADIUS_UNITS = "mm"
+#: Slicer's Inferno colour table (loaded from its colour files when Slicer starts).
+INFERNO_COLOR_NODE_ID = "vtkMRMLColorTableNodeFileInferno.txt"
 
 # RAS <-> LPS: negate x and y (the matrix is its own inverse).
 _RAS_FROM_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -388,6 +390,26 @@ def labels_from_segmentation_node(node: Any, reference: Volume) -> Volume:
     return Volume(labels, reference.geometry)
 
 
+def _checked_centerlines(
+    centerlines: Iterable[tuple[str, np.ndarray, np.ndarray]]
+) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """The centerlines as (name, float points (N, 3), float radii (N,)), or ValueError before any node is made."""
+    checked = []
+    for name, points_xyz, radius_mm in centerlines:
+        points = np.asarray(points_xyz, dtype=float)
+        radius = np.asarray(radius_mm, dtype=float)
+        if points.ndim != 2 or points.shape[1] != 3 or len(points) < 2 or not np.all(np.isfinite(points)):
+            raise ValueError(
+                f"centerline {name!r}: expected (N, 3) finite points with N >= 2, got shape {points.shape}"
+            )
+        if radius.shape != (len(points),) or not np.all(np.isfinite(radius)) or np.any(radius < 0):
+            raise ValueError(
+                f"centerline {name!r}: expected {len(points)} finite, non-negative radii, got shape {radius.shape}"
+            )
+        checked.append((name, points, radius))
+    return checked
+
+
 def curve_nodes_from_centerlines(
     centerlines: Iterable[tuple[str, np.ndarray, np.ndarray]], scene: Any
 ) -> list[Any]:
@@ -415,21 +437,8 @@ def curve_nodes_from_centerlines(
         Points are not (N, 3) with N >= 2, radii are not N non-negative numbers, or either
         holds non-finite values.
     """
-    checked = []
-    for name, points_xyz, radius_mm in centerlines:
-        points = np.asarray(points_xyz, dtype=float)
-        radius = np.asarray(radius_mm, dtype=float)
-        if points.ndim != 2 or points.shape[1] != 3 or len(points) < 2 or not np.all(np.isfinite(points)):
-            raise ValueError(
-                f"centerline {name!r}: expected (N, 3) finite points with N >= 2, got shape {points.shape}"
-            )
-        if radius.shape != (len(points),) or not np.all(np.isfinite(radius)) or np.any(radius < 0):
-            raise ValueError(
-                f"centerline {name!r}: expected {len(points)} finite, non-negative radii, got shape {radius.shape}"
-            )
-        checked.append((name, points, radius))
     nodes = []
-    for name, points, radius in checked:
+    for name, points, radius in _checked_centerlines(centerlines):
         node = scene.AddNewNodeByClass("vtkMRMLMarkupsCurveNode", name)
         node.SetCurveTypeToLinear()
         node.SetNumberOfPointsPerInterpolatingSegment(1)
@@ -447,3 +456,135 @@ def curve_nodes_from_centerlines(
         node.CreateDefaultDisplayNodes()
         nodes.append(node)
     return nodes
+
+
+def centerline_model_node(
+    centerlines: Iterable[tuple[str, np.ndarray, np.ndarray]],
+    scene: Any,
+    name: str,
+    cell_values: dict[str, Iterable[int]] | None = None,
+) -> Any:
+    """A model node holding the centerlines as polylines with a lumen radius per point.
+
+    The form of SlicerVMTK's centerline model (and of ``centerlines.vtp``): one polyline cell
+    per centerline, point array ``"Radius"`` (mm), and optional integer cell arrays such as
+    ``BranchId`` or ``Generation``.
+
+    Parameters
+    ----------
+    centerlines : iterable of (str, array (N, 3), array (N,))
+        As for :func:`curve_nodes_from_centerlines` (the names are not used).
+    scene : vtkMRMLScene
+        The scene that receives the model.
+    name : str
+        Node name.
+    cell_values : dict of str to sequence of int, optional
+        Cell arrays, one value per centerline.
+
+    Returns
+    -------
+    vtkMRMLModelNode
+        The model (points in RAS, as models are stored), with default display nodes.
+
+    Raises
+    ------
+    ValueError
+        Bad points or radii (as :func:`curve_nodes_from_centerlines`), or a cell array whose
+        length is not the number of centerlines.
+    """
+    checked = _checked_centerlines(centerlines)
+    cells = {key: np.asarray(list(values), dtype=np.int32) for key, values in (cell_values or {}).items()}
+    for key, values in cells.items():
+        if values.shape != (len(checked),):
+            raise ValueError(f"cell array {key!r}: expected {len(checked)} values, one per centerline, got {values.shape}")
+    points = np.concatenate([np.zeros((0, 3))] + [p for _, p, _ in checked])
+    radius = np.concatenate([np.zeros(0)] + [r for _, _, r in checked])
+    # Cell i holds the consecutive points offsets[i] to offsets[i + 1] - 1.
+    offsets = np.r_[0, np.cumsum([len(p) for _, p, _ in checked], dtype=np.int64)]
+    lines = vtkCellArray()
+    lines.SetData(
+        numpy_support.numpy_to_vtkIdTypeArray(offsets, deep=True),
+        numpy_support.numpy_to_vtkIdTypeArray(np.arange(len(points), dtype=np.int64), deep=True),
+    )
+    polydata = vtkPolyData()
+    positions = vtkPoints()
+    positions.SetData(numpy_support.numpy_to_vtk(points * _RAS_FROM_LPS.diagonal()[:3], deep=True))
+    polydata.SetPoints(positions)
+    polydata.SetLines(lines)
+    radius_array = numpy_support.numpy_to_vtk(radius, deep=True)
+    radius_array.SetName(RADIUS_MEASUREMENT)
+    polydata.GetPointData().AddArray(radius_array)
+    polydata.GetPointData().SetActiveScalars(RADIUS_MEASUREMENT)
+    for key, values in cells.items():
+        array = numpy_support.numpy_to_vtk(values, deep=True)
+        array.SetName(key)
+        polydata.GetCellData().AddArray(array)
+    node = scene.AddNewNodeByClass("vtkMRMLModelNode", name)
+    node.SetAndObservePolyData(polydata)
+    node.CreateDefaultDisplayNodes()
+    return node
+
+
+def show_as_overlay(
+    volume_node: Any,
+    color_node_id: str = INFERNO_COLOR_NODE_ID,
+    opacity: float = 0.4,
+    value_range: tuple[float, float] = (0.0, 1.0),
+    transparent_below: float = 0.05,
+) -> bool:
+    """Show a volume over the background of every slice view, in a colour table, its low values transparent.
+
+    Parameters
+    ----------
+    volume_node : vtkMRMLScalarVolumeNode
+        The overlay (e.g. the breakage attention, values 0-1), in a scene.
+    color_node_id : str
+        Colour table; Slicer's Inferno by default.
+    opacity : float
+        Opacity of the foreground layer, in [0, 1].
+    value_range : (float, float)
+        Values mapped to the two ends of the colour table.
+    transparent_below : float
+        Values below this are not drawn (the threshold of the volume's display), so that the
+        overlay does not darken the CT where it is 0.
+
+    Returns
+    -------
+    bool
+        Whether the colour table is in the scene.  Slicer loads its colour files at start-up;
+        a scene without them (Slicer's MRML libraries alone) keeps the default grey.
+    """
+    if not 0.0 <= opacity <= 1.0:
+        raise ValueError(f"opacity must be in [0, 1], got {opacity}")
+    scene = volume_node.GetScene()
+    volume_node.CreateDefaultDisplayNodes()
+    display = volume_node.GetDisplayNode()
+    display.AutoWindowLevelOff()
+    display.SetWindowLevelMinMax(*value_range)
+    display.AutoThresholdOff()
+    display.SetThreshold(transparent_below, max(value_range[1], transparent_below))
+    display.ApplyThresholdOn()
+    has_colors = scene.GetNodeByID(color_node_id) is not None
+    if has_colors:
+        display.SetAndObserveColorNodeID(color_node_id)
+    for index in range(scene.GetNumberOfNodesByClass("vtkMRMLSliceCompositeNode")):
+        composite = scene.GetNthNodeByClass(index, "vtkMRMLSliceCompositeNode")
+        composite.SetForegroundVolumeID(volume_node.GetID())
+        composite.SetForegroundOpacity(opacity)
+    return has_colors
+
+
+def jump_slices_to(scene: Any, point_lps: Iterable[float]) -> None:
+    """Centre every slice view of the scene on a point given in LPS millimetres (orientations stay).
+
+    Parameters
+    ----------
+    scene : vtkMRMLScene
+    point_lps : sequence of 3 float
+        x, y, z in LPS mm (as the core reports positions); Slicer's RAS is (-x, -y, z).
+    """
+    point = np.asarray(list(point_lps), dtype=float)
+    if point.shape != (3,) or not np.all(np.isfinite(point)):
+        raise ValueError(f"expected a point of 3 finite LPS coordinates, got {point.tolist()}")
+    slice_node = _mrml_class(scene, "vtkMRMLSliceNode")
+    slice_node.JumpAllSlices(scene, *(point * _RAS_FROM_LPS.diagonal()[:3]), slice_node.CenteredJumpSlice)
