@@ -10,16 +10,14 @@ Libs is imported at module load: their packages may be installed only on the fir
 
 import logging
 import math
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import qt
 import slicer
-import vtk
 from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
 from slicer.i18n import tr as _
 from slicer.i18n import translate
@@ -28,11 +26,9 @@ from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
     ScriptedLoadableModuleLogic,
     ScriptedLoadableModuleTest,
-    ScriptedLoadableModuleWidget,
 )
-from slicer.util import VTKObservationMixin
 
-from AirwaySegmentation import AirwaySegmentationLogic, BackgroundSegmentation, Device
+from AirwaySegmentation import AirwaySegmentationLogic, BackgroundSegmentation, BackgroundTaskWidget, Device
 
 #: Opacity of the breakage attention over the CT in the slice views.
 ATTENTION_OPACITY = 0.4
@@ -119,78 +115,31 @@ class AirwayRefineParameterNode:
 #
 
 
-class AirwayRefineWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+class AirwayRefineWidget(BackgroundTaskWidget):
     """GUI: node selectors, Apply/Cancel, the break table and the export buttons; the work is the Logic's."""
 
-    #: How often the main thread looks at the background work (ms).
-    POLL_INTERVAL_MS = 100
-    #: Progress bar resolution.
-    PROGRESS_STEPS = 1000
+    FAILURE_MESSAGE = "AirwayRefine failed: {error}"
 
     def __init__(self, parent=None) -> None:
-        ScriptedLoadableModuleWidget.__init__(self, parent)
-        VTKObservationMixin.__init__(self)
-        self.logic = None
-        self._parameterNode = None
-        self._parameterNodeGuiTag = None
-        self._task: Optional[BackgroundSegmentation] = None
-        self._onTaskResult: Optional[Callable] = None
-        self._pollTimer = None
+        BackgroundTaskWidget.__init__(self, parent)
         self._refinement: Optional[Refinement] = None
 
     def setup(self) -> None:
-        ScriptedLoadableModuleWidget.setup(self)
-        uiWidget = slicer.util.loadUI(self.resourcePath("UI/AirwayRefine.ui"))
-        self.layout.addWidget(uiWidget)
-        self.ui = slicer.util.childWidgetVariables(uiWidget)
-        uiWidget.setMRMLScene(slicer.mrmlScene)
-
-        self.logic = AirwayRefineLogic()
-        self.ui.statusLabel.text = ""
-        self.ui.progressBar.setRange(0, self.PROGRESS_STEPS)
-        self.ui.progressBar.hide()
+        self._setupTaskUi("UI/AirwayRefine.ui", AirwayRefineLogic())
         self.ui.breaksTableWidget.setColumnCount(len(BREAK_TABLE_COLUMNS))
         self.ui.breaksTableWidget.setHorizontalHeaderLabels(list(BREAK_TABLE_COLUMNS))
-
-        self._pollTimer = qt.QTimer()
-        self._pollTimer.setInterval(self.POLL_INTERVAL_MS)
-        self._pollTimer.connect("timeout()", self._onPoll)
-
-        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
-        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
-
         for pathLineEdit in (self.ui.modelPathLineEdit, self.ui.centerlinesFolderLineEdit, self.ui.datasetFolderLineEdit):
             pathLineEdit.connect("currentPathChanged(QString)", self._onPathChanged)
-        self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
         self.ui.breaksTableWidget.connect("cellClicked(int,int)", self.onBreakClicked)
         self.ui.breaksTableWidget.connect("itemSelectionChanged()", self._updateGui)
         self.ui.connectAllButton.connect("clicked(bool)", self.onConnectAll)
         self.ui.connectSelectedButton.connect("clicked(bool)", self.onConnectSelected)
         self.ui.exportCenterlinesButton.connect("clicked(bool)", self.onExportCenterlines)
         self.ui.addToTrainingSetButton.connect("clicked(bool)", self.onAddToTrainingSet)
-
         self.initializeParameterNode()
-
-    def cleanup(self) -> None:
-        """Called when the application closes: stop the worker before the nodes go."""
-        self._stopTask(wait=True)
-        self.removeObservers()
 
     def onReload(self) -> None:
-        """Developer mode's Reload: also reload the headless cores, not only this file."""
-        self._stopTask(wait=True)
-        for name in [n for n in sys.modules if n.split(".")[0] in ("AirwayRefineLib", "AirwaySegmentationLib")]:
-            del sys.modules[name]
-        super().onReload()
-
-    def enter(self) -> None:
-        self.initializeParameterNode()
-
-    def exit(self) -> None:
-        if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self._parameterNodeGuiTag = None
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateGui)
+        self._reloadPackages(("AirwayRefineLib", "AirwaySegmentationLib"))
 
     def onSceneStartClose(self, caller, event) -> None:
         # The nodes are about to disappear: a running result has nowhere to go, the breaks no tree.
@@ -198,33 +147,12 @@ class AirwayRefineWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._showRefinement(None)
         self.setParameterNode(None)
 
-    def onSceneEndClose(self, caller, event) -> None:
-        if self.parent.isEntered:
-            self.initializeParameterNode()
-
     def initializeParameterNode(self) -> None:
-        self.setParameterNode(self.logic.getParameterNode())
-        if not self._parameterNode.inputVolume:
-            firstVolumeNode = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
-            if firstVolumeNode:
-                self._parameterNode.inputVolume = firstVolumeNode
+        BackgroundTaskWidget.initializeParameterNode(self)
         if not self._parameterNode.inputSegmentation:
             firstSegmentationNode = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLSegmentationNode")
             if firstSegmentationNode:
                 self._parameterNode.inputSegmentation = firstSegmentationNode
-
-    def setParameterNode(self, inputParameterNode: Optional[AirwayRefineParameterNode]) -> None:
-        if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateGui)
-        self._parameterNode = inputParameterNode
-        if self._parameterNode:
-            # Widgets with a "SlicerParameterName" property in the .ui are connected here; the
-            # path line edits hold str parameters, which the connector does not bind.
-            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
-            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateGui)
-            self._showPathsInGui()
-            self._updateGui()
 
     def _pathLineEdits(self) -> dict:
         return {
@@ -233,7 +161,7 @@ class AirwayRefineWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             "datasetFolder": self.ui.datasetFolderLineEdit,
         }
 
-    def _showPathsInGui(self) -> None:
+    def _showParametersInGui(self) -> None:
         for name, lineEdit in self._pathLineEdits().items():
             wasBlocked = lineEdit.blockSignals(True)
             lineEdit.currentPath = getattr(self._parameterNode, name)
@@ -280,12 +208,6 @@ class AirwayRefineWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.exportCenterlinesButton.enabled = canExport
         self.ui.addToTrainingSetButton.enabled = canExport and bool(parameters.datasetFolder)
 
-    def onApplyButton(self) -> None:
-        if self._task is None:
-            self.onApply()
-        else:
-            self.onCancel()
-
     def onApply(self) -> None:
         parameters = self._parameterNode
         self.ui.statusLabel.text = _("Checking the Python packages...")
@@ -302,65 +224,6 @@ class AirwayRefineWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         finally:
             if self._task is None:
                 self.ui.statusLabel.text = _("Not started.")
-            self._updateGui()
-
-    def onCancel(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            self.ui.statusLabel.text = _("Cancelling after the current step...")
-        self._updateGui()
-
-    def _startTask(self, request, runner: Callable, onResult: Callable) -> None:
-        """Run ``runner(request, progress, cancel)`` in the background; ``onResult(result, request)`` gets its result."""
-        self._task = BackgroundSegmentation(request, runner)
-        self._onTaskResult = onResult
-        self._task.start()
-        self._pollTimer.start()
-        self.ui.progressBar.value = 0
-        self.ui.progressBar.show()
-        self.ui.statusLabel.text = _("Starting...")
-
-    def _stopTask(self, wait: bool) -> None:
-        if self._pollTimer:
-            self._pollTimer.stop()
-        if self._task is not None:
-            self._task.cancel()
-            if wait:
-                self._task.join()
-        self._task = None
-        self._onTaskResult = None
-
-    def _onPoll(self) -> None:
-        """Main thread: show the worker's progress; when it is done, hand its result on."""
-        if self._task is None:
-            self._pollTimer.stop()
-            return
-        status = self._task.poll()
-        self.ui.progressBar.value = round(status.fraction * self.PROGRESS_STEPS)
-        self.ui.progressBar.setFormat(f"%p%  {status.message}")
-        if not status.finished:
-            return
-        self._pollTimer.stop()
-        request, onResult = self._task.request, self._onTaskResult
-        self._task = None
-        self._onTaskResult = None
-        self.ui.progressBar.hide()
-        try:
-            if status.cancelled:
-                self.ui.statusLabel.text = _("Cancelled.")
-            elif status.error is not None:
-                self.ui.statusLabel.text = _("Failed.")
-                # The core's AirwayInputError (a ValueError) is one sentence meant for the user.
-                if isinstance(status.error, ValueError):
-                    slicer.util.errorDisplay(str(status.error))
-                else:
-                    slicer.util.errorDisplay(_("AirwayRefine failed: {error}").format(error=status.error),
-                                             detailedText=status.traceback)
-            else:
-                self.ui.statusLabel.text = _("Failed to show the result.")  # replaced on success
-                with slicer.util.tryWithErrorDisplay(_("Failed to show the result."), waitCursor=True):
-                    onResult(status.result, request)
-        finally:
             self._updateGui()
 
     # --- refinement and breaks ----------------------------------------------------------------

@@ -129,13 +129,23 @@ class AirwaySegmentationParameterNode:
 #
 
 
-class AirwaySegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
-    """GUI: node selectors, options, Apply/Cancel and progress; the work is the Logic's."""
+class BackgroundTaskWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    """What the widgets of both modules share (the scripted-module template's parts and the background work).
 
-    #: How often the main thread looks at the background segmentation (ms).
+    A parameter node bound to the ``.ui``; work run in a :class:`BackgroundSegmentation` thread
+    with a progress bar, Apply turning into Cancel, and the result handed to a callback on the
+    main thread; the scene-close handling.  Subclasses call :meth:`_setupTaskUi` from
+    ``setup`` and define ``onSceneStartClose``, ``onApply``, ``_updateGui`` and
+    ``_showParametersInGui`` (what the connector does not bind); their parameter node has an
+    ``inputVolume``.
+    """
+
+    #: How often the main thread looks at the background work (ms).
     POLL_INTERVAL_MS = 100
     #: Progress bar resolution.
     PROGRESS_STEPS = 1000
+    #: Error shown when the work fails with an unexpected error (``{error}``: the error).
+    FAILURE_MESSAGE = "The work failed: {error}"
 
     def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
@@ -143,48 +153,39 @@ class AirwaySegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
         self.logic = None
         self._parameterNode = None
         self._parameterNodeGuiTag = None
-        self._task: Optional[BackgroundSegmentation] = None
-        self._taskInput = None
+        self._task: Optional["BackgroundSegmentation"] = None
+        self._onTaskResult: Optional[Callable] = None
         self._pollTimer = None
-        self._models: list = []
 
-    def setup(self) -> None:
+    def _setupTaskUi(self, uiFile: str, logic) -> None:
+        """Load the ``.ui``, set the Logic, the progress bar, the poll timer and the scene observers."""
         ScriptedLoadableModuleWidget.setup(self)
-        uiWidget = slicer.util.loadUI(self.resourcePath("UI/AirwaySegmentation.ui"))
+        uiWidget = slicer.util.loadUI(self.resourcePath(uiFile))
         self.layout.addWidget(uiWidget)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
-
-        self.logic = AirwaySegmentationLogic()
+        self.logic = logic
         self.ui.statusLabel.text = ""
         self.ui.progressBar.setRange(0, self.PROGRESS_STEPS)
         self.ui.progressBar.hide()
-        self._populateModels()
-
         self._pollTimer = qt.QTimer()
         self._pollTimer.setInterval(self.POLL_INTERVAL_MS)
         self._pollTimer.connect("timeout()", self._onPoll)
-
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
-
-        self.ui.modelComboBox.connect("currentIndexChanged(int)", self._onModelChanged)
-        self.ui.modelPathLineEdit.connect("currentPathChanged(QString)", self._onModelChanged)
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
-
-        self.initializeParameterNode()
 
     def cleanup(self) -> None:
         """Called when the application closes: stop the worker before the nodes go."""
         self._stopTask(wait=True)
         self.removeObservers()
 
-    def onReload(self) -> None:
-        """Developer mode's Reload: also reload the headless core, not only this file."""
+    def _reloadPackages(self, packages: tuple) -> None:
+        """Developer mode's Reload: also reload the headless cores, not only the module file."""
         self._stopTask(wait=True)
-        for name in [n for n in sys.modules if n == "AirwaySegmentationLib" or n.startswith("AirwaySegmentationLib.")]:
+        for name in [n for n in sys.modules if n.split(".")[0] in packages]:
             del sys.modules[name]
-        super().onReload()
+        ScriptedLoadableModuleWidget.onReload(self)
 
     def enter(self) -> None:
         self.initializeParameterNode()
@@ -195,35 +196,120 @@ class AirwaySegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
             self._parameterNodeGuiTag = None
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateGui)
 
-    def onSceneStartClose(self, caller, event) -> None:
-        # The input and output nodes are about to disappear: a running result has nowhere to go.
-        # The worker is not waited for: it stops at its next window and its result is dropped.
-        self._stopTask(wait=False)
-        self.setParameterNode(None)
-
     def onSceneEndClose(self, caller, event) -> None:
         if self.parent.isEntered:
             self.initializeParameterNode()
 
     def initializeParameterNode(self) -> None:
+        """The Logic's parameter node, with the scene's first volume as the input CT when none is set."""
         self.setParameterNode(self.logic.getParameterNode())
         if not self._parameterNode.inputVolume:
             firstVolumeNode = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
             if firstVolumeNode:
                 self._parameterNode.inputVolume = firstVolumeNode
 
-    def setParameterNode(self, inputParameterNode: Optional[AirwaySegmentationParameterNode]) -> None:
+    def setParameterNode(self, inputParameterNode) -> None:
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateGui)
         self._parameterNode = inputParameterNode
         if self._parameterNode:
             # Widgets with a "SlicerParameterName" property in the .ui are connected here; the
-            # model combo box is filled from the catalogue, so it is synchronised by hand.
+            # rest (combo boxes filled at run time, path fields) by _showParametersInGui.
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateGui)
-            self._showModelInGui()
+            self._showParametersInGui()
             self._updateGui()
+
+    def onApplyButton(self) -> None:
+        if self._task is None:
+            self.onApply()
+        else:
+            self.onCancel()
+
+    def onCancel(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            self.ui.statusLabel.text = _("Cancelling after the current step...")
+        self._updateGui()
+
+    def _startTask(self, request, runner: Callable, onResult: Callable) -> None:
+        """Run ``runner(request, progress, cancel)`` in the background; ``onResult(result, request)`` gets its result."""
+        self._task = BackgroundSegmentation(request, runner)
+        self._onTaskResult = onResult
+        self._task.start()
+        self._pollTimer.start()
+        self.ui.progressBar.value = 0
+        self.ui.progressBar.show()
+        self.ui.statusLabel.text = _("Starting...")
+
+    def _stopTask(self, wait: bool) -> None:
+        if self._pollTimer:
+            self._pollTimer.stop()
+        if self._task is not None:
+            self._task.cancel()
+            if wait:
+                self._task.join()
+        self._task = None
+        self._onTaskResult = None
+
+    def _onPoll(self) -> None:
+        """Main thread: show the worker's progress; when it is done, hand its result on."""
+        if self._task is None:
+            self._pollTimer.stop()
+            return
+        status = self._task.poll()
+        self.ui.progressBar.value = round(status.fraction * self.PROGRESS_STEPS)
+        self.ui.progressBar.setFormat(f"%p%  {status.message}")
+        if not status.finished:
+            return
+        self._pollTimer.stop()
+        request, onResult = self._task.request, self._onTaskResult
+        self._task = None
+        self._onTaskResult = None
+        self.ui.progressBar.hide()
+        try:
+            if status.cancelled:
+                self.ui.statusLabel.text = _("Cancelled.")
+            elif status.error is not None:
+                self.ui.statusLabel.text = _("Failed.")
+                # The core's AirwayInputError (a ValueError) is one sentence meant for the user.
+                if isinstance(status.error, ValueError):
+                    slicer.util.errorDisplay(str(status.error))
+                else:
+                    slicer.util.errorDisplay(_(self.FAILURE_MESSAGE).format(error=status.error), detailedText=status.traceback)
+            else:
+                self.ui.statusLabel.text = _("Failed to show the result.")  # replaced on success
+                with slicer.util.tryWithErrorDisplay(_("Failed to show the result."), waitCursor=True):
+                    onResult(status.result, request)
+        finally:
+            self._updateGui()
+
+
+class AirwaySegmentationWidget(BackgroundTaskWidget):
+    """GUI: node selectors, options, Apply/Cancel and progress; the work is the Logic's."""
+
+    FAILURE_MESSAGE = "The airway segmentation failed: {error}"
+
+    def __init__(self, parent=None) -> None:
+        BackgroundTaskWidget.__init__(self, parent)
+        self._models: list = []
+
+    def setup(self) -> None:
+        self._setupTaskUi("UI/AirwaySegmentation.ui", AirwaySegmentationLogic())
+        self._populateModels()
+        self.ui.modelComboBox.connect("currentIndexChanged(int)", self._onModelChanged)
+        self.ui.modelPathLineEdit.connect("currentPathChanged(QString)", self._onModelChanged)
+        self.initializeParameterNode()
+
+    def onReload(self) -> None:
+        self._reloadPackages(("AirwaySegmentationLib",))
+
+    def onSceneStartClose(self, caller, event) -> None:
+        # The input and output nodes are about to disappear: a running result has nowhere to go.
+        # The worker is not waited for: it stops at its next window and its result is dropped.
+        self._stopTask(wait=False)
+        self.setParameterNode(None)
 
     # --- models --------------------------------------------------------------------------
 
@@ -241,7 +327,7 @@ class AirwaySegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
             self.ui.modelComboBox.setItemData(index, entry.get("description") or entry["name"], qt.Qt.ToolTipRole)
         self.ui.modelComboBox.addItem(_("Model file..."), "")
 
-    def _showModelInGui(self) -> None:
+    def _showParametersInGui(self) -> None:
         name = self._parameterNode.modelName
         if not name and not self._parameterNode.modelFile:
             name = next((e["name"] for e in self._models if e.get("default")), self._models[0]["name"] if self._models else "")
@@ -284,12 +370,6 @@ class AirwaySegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
         self.ui.applyButton.enabled = not problems
         self.ui.applyButton.toolTip = "\n".join(problems) or _("Segment the airway tree")
 
-    def onApplyButton(self) -> None:
-        if self._task is None:
-            self.onApply()
-        else:
-            self.onCancel()
-
     def onApply(self) -> None:
         parameters = self._parameterNode
         self.ui.statusLabel.text = _("Checking the Python packages...")
@@ -306,86 +386,28 @@ class AirwaySegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
                     keepAllComponents=parameters.keepAllComponents,
                     createProbability=parameters.createProbability,
                 )
-                self._taskInput = parameters.inputVolume
-                self._task = BackgroundSegmentation(request)
-                self._task.start()
-                self._pollTimer.start()
-                self.ui.progressBar.value = 0
-                self.ui.progressBar.show()
-                self.ui.statusLabel.text = _("Starting...")
+                inputVolume = parameters.inputVolume
+                self._startTask(request, AirwaySegmentationLogic.run,
+                                lambda result, request: self._importResult(result, inputVolume))
         finally:
             if self._task is None:
                 self.ui.statusLabel.text = _("Not started.")
             self._updateGui()
 
-    def onCancel(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            self.ui.statusLabel.text = _("Cancelling after the current step...")
-        self._updateGui()
-
-    def _stopTask(self, wait: bool) -> None:
-        if self._pollTimer:
-            self._pollTimer.stop()
-        if self._task is not None:
-            self._task.cancel()
-            if wait:
-                self._task.join()
-        self._task = None
-        self._taskInput = None
-
-    def _onPoll(self) -> None:
-        """Main thread: show the worker's progress; when it is done, put its result into the scene."""
-        if self._task is None:
-            self._pollTimer.stop()
-            return
-        status = self._task.poll()
-        self.ui.progressBar.value = round(status.fraction * self.PROGRESS_STEPS)
-        self.ui.progressBar.setFormat(f"%p%  {status.message}")
-        if not status.finished:
-            return
-        self._pollTimer.stop()
-        inputVolume = self._taskInput
-        self._task = None
-        self._taskInput = None
-        self.ui.progressBar.hide()
-        try:
-            if status.cancelled:
-                self.ui.statusLabel.text = _("Cancelled.")
-            elif status.error is not None:
-                self.ui.statusLabel.text = _("Failed.")
-                self._showError(status)
-            else:
-                self._importResult(status.result, inputVolume)
-        finally:
-            self._updateGui()
-
     def _importResult(self, result, inputVolume) -> None:
         parameters = self._parameterNode
-        self.ui.statusLabel.text = _("Failed to show the result.")  # replaced below on success
-        with slicer.util.tryWithErrorDisplay(_("Failed to show the airway segmentation."), waitCursor=True):
-            outputs = self.logic.importResult(
-                result,
-                inputVolume,
-                outputSegmentation=parameters.outputSegmentation,
-                probabilityVolume=parameters.probabilityVolume,
-            )
-            with slicer.util.NodeModify(parameters):
-                parameters.outputSegmentation = outputs.segmentation
-                if outputs.probability is not None:
-                    parameters.probabilityVolume = outputs.probability
-            slicer.util.setSliceViewerLayers(background=inputVolume, fit=False)
-            self.ui.statusLabel.text = AirwaySegmentationLogic.summary(outputs)
-
-    @staticmethod
-    def _showError(status) -> None:
-        error = status.error
-        # The core's AirwayInputError (a ValueError) is one sentence meant for the user.
-        if isinstance(error, ValueError):
-            slicer.util.errorDisplay(str(error))
-        else:
-            slicer.util.errorDisplay(_("The airway segmentation failed: {error}").format(error=error),
-                                     detailedText=status.traceback)
+        outputs = self.logic.importResult(
+            result,
+            inputVolume,
+            outputSegmentation=parameters.outputSegmentation,
+            probabilityVolume=parameters.probabilityVolume,
+        )
+        with slicer.util.NodeModify(parameters):
+            parameters.outputSegmentation = outputs.segmentation
+            if outputs.probability is not None:
+                parameters.probabilityVolume = outputs.probability
+        slicer.util.setSliceViewerLayers(background=inputVolume, fit=False)
+        self.ui.statusLabel.text = AirwaySegmentationLogic.summary(outputs)
 
 
 #
