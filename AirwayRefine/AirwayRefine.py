@@ -736,24 +736,10 @@ class AirwayRefineTest(ScriptedLoadableModuleTest):
 
     @staticmethod
     def lumenOracle():
-        """A known connection network, so that the test needs no trained model.
+        """A known connection network (the core's lumen oracle), so that the test needs no trained model."""
+        from AirwayRefineLib.connect_training import lumen_oracle
 
-        It predicts breakage where the CT is lumen-dark (below about -930 HU) and the attention
-        is above 0.2: the missing lumen of a break, never tissue.
-        """
-        import torch
-        from AirwayRefineLib.connect_training import CONNECTION_INPUT_SPEC
-        from AirwaySegmentationLib.networks import SegmentationOutput
-        from AirwaySegmentationLib.segment import SegmentationModel
-
-        class LumenOracle(torch.nn.Module):
-            def forward(self, image):
-                ct, attention = image[:, :1], image[:, 1:2]
-                breakage = 100.0 * torch.minimum(0.15 - ct, attention - 0.2)
-                return SegmentationOutput(torch.cat([torch.zeros_like(breakage), breakage], dim=1))
-
-        card = {"attention": {"alpha_mm": 5.0}, "task": "connection"}
-        return SegmentationModel(LumenOracle(), card, "lumen oracle", CONNECTION_INPUT_SPEC, (32, 32, 32))
+        return lumen_oracle()
 
     def test_AirwayRefine_phantom(self):
         import numpy as np

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from torch import nn
 
 from AirwayRefineLib.attention import blob_labels, breakage_attention, find_attention_blobs
 from AirwayRefineLib.breakage import simulate_breakage
@@ -18,6 +17,7 @@ from AirwayRefineLib.connect_training import (
     CONNECTION_INPUT_SPEC,
     ConnectionPatches,
     ConnectionTask,
+    lumen_oracle,
     reconnection_metrics,
 )
 from AirwayRefineLib.refine import REFINE_FILES, merge_selected, refine_ct, refine_file
@@ -26,7 +26,7 @@ from AirwaySegmentationLib.cli import main
 from AirwaySegmentationLib.errors import AirwayInputError
 from AirwaySegmentationLib.inference_settings import InferenceSettings
 from AirwaySegmentationLib.models import bundle_model, export_model
-from AirwaySegmentationLib.networks import SegmentationOutput, build_network
+from AirwaySegmentationLib.networks import build_network
 from AirwaySegmentationLib.segment import SegmentationModel, load_segmentation_model
 from AirwaySegmentationLib.train import train
 from AirwaySegmentationLib.train_config import config_from_dict
@@ -38,22 +38,9 @@ FLOAT32 = InferenceSettings(device="cpu", precision="float32")
 PATCH = (32, 32, 32)
 
 
-class LumenOracle(nn.Module):
-    """A known connection network: breakage wherever the CT is lumen-dark and the attention is high.
-
-    logit(breakage) = 100 * min(0.15 - ct, attention - 0.2) on the channels of
-    CONNECTION_INPUT_SPEC (HU -1200..600 -> 0..1, so 0.15 is -930 HU; attention 0.2 is
-    H = 6.4 mm, so a 6 mm gap is covered from end to end).
-    """
-
-    def forward(self, image: torch.Tensor) -> SegmentationOutput:
-        ct, attention = image[:, :1], image[:, 1:2]
-        breakage = 100.0 * torch.minimum(0.15 - ct, attention - 0.2)
-        return SegmentationOutput(torch.cat([torch.zeros_like(breakage), breakage], dim=1))
-
-
 def oracle() -> SegmentationModel:
-    return SegmentationModel(LumenOracle(), {"attention": {"alpha_mm": 5.0}}, "oracle", CONNECTION_INPUT_SPEC, PATCH)
+    """The core's lumen oracle: breakage where the CT is below about -925 HU and the attention above 0.2."""
+    return lumen_oracle(PATCH)
 
 
 tube_case = broken_tube_arrays
@@ -72,7 +59,7 @@ def test_a_gap_in_a_lumen_is_bridged_and_a_false_positive_is_not():
     assert not (filled & ~gap).any()
     assert filled[gap].all()
     assert bridge.gap_mm == pytest.approx(7.0)  # from x = 27 to x = 34
-    assert bridge.confidence > 0.95  # sigmoid(100 * (0.15 - 0.111))
+    assert bridge.confidence > 0.95  # sigmoid(100 * min(0.25 - 0.143, ...))
     assert len(set(bridge.components)) == 2 and set(bridge.joined) == set(bridge.components)
     others = [b for b in prediction.breaks if not b.connected]
     assert others and all(b.confidence < 0.5 and len(b.bridge_zyx) == 0 for b in others)
@@ -356,3 +343,32 @@ def test_airway_run_refuses_a_connection_model_as_stage_1_before_reading(tmp_pat
     code = main(["run", "--in", str(tmp_path / "missing.nii.gz"), "--out", str(tmp_path / "out"),
                  "--model", str(connection_model)])
     assert code == 2 and "not a segmentation model" in capsys.readouterr().err
+
+
+def test_the_loss_mask_leaves_masked_voxels_out():
+    from AirwaySegmentationLib.losses import DiceFocalLoss
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 2, 6, 6, 6)
+    target = (torch.rand(2, 6, 6, 6) > 0.7).long()
+    mask = (torch.rand(2, 6, 6, 6) > 0.5).float()
+    loss = DiceFocalLoss(gamma=0.0, eps=1e-5)
+    assert loss(logits, target, torch.ones_like(mask)) == pytest.approx(float(loss(logits, target)))
+    out = (mask == 0)[:, None].expand_as(logits)
+    changed = torch.where(out, torch.randn_like(logits), logits)  # only masked-out voxels change
+    changed_target = target.clone()
+    changed_target[mask == 0] = 1 - changed_target[mask == 0]
+    assert loss(changed, changed_target, mask) == pytest.approx(float(loss(logits, target, mask)))
+
+
+def test_training_patches_mask_the_broken_label_out_of_the_loss(phantom):
+    volume, tree = phantom
+    dataset = ConnectionPatches([volume], [tree], [None], connection_config(), CONNECTION_INPUT_SPEC, seed=2)
+    dataset.set_epoch(0)
+    examples = dataset._simulation(0)
+    from AirwayRefineLib.connect import crop_padded
+
+    for item in dataset:
+        crops = [crop_padded(examples.known_zyx, blob.centre_zyx, (32, 32, 32), False) for blob in examples.blobs]
+        assert any(np.array_equal(item["loss_mask"].numpy() == 0, crop) for crop in crops)
+        assert not (item["labels"].numpy().astype(bool) & (item["loss_mask"].numpy() == 0)).any()

@@ -15,7 +15,12 @@ the validation are here.
   of that prediction the input.  Every blob of that attention is a patch centre, including
   blobs between false-positive pieces where the target is empty: they teach the network
   where not to bridge.  ``connection.real_break_share`` of the patches come from them.
-* **Augmentation**: random flips along each axis (CT, attention and target together).
+* **Loss mask**: the voxels of the broken (or predicted) mask are left out of the Dice + CE
+  loss.  The merge only ever adds voxels outside that mask, so the network's output there is
+  never used, and neither input channel shows where the mask ends (the lumen of a kept piece
+  looks like the lumen of the gap): asking for 0 there would ask for the impossible.  DeepTree
+  does not say; this is our choice.
+* **Augmentation**: random flips along each axis (CT, attention, target and mask together).
   DeepTree names only the random shift; flips keep the patch a possible chest CT region.
 * **Validation**: fixed simulations of the validation volumes go through the product's
   inference (:func:`~AirwayRefineLib.connect.find_breaks` and
@@ -37,6 +42,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from AirwaySegmentationLib.data import TrainingVolume
 from AirwaySegmentationLib.inference_settings import InferenceSettings
+from AirwaySegmentationLib.networks import SegmentationOutput
 from AirwaySegmentationLib.preprocess import InputSpec
 from AirwaySegmentationLib.progress import ProgressCallback, report
 from AirwaySegmentationLib.sampling import PAD_HU
@@ -49,9 +55,12 @@ from .attention import AttentionBlob, breakage_attention, find_attention_blobs
 from .breakage import BreakageSimulation, harvest_real_breaks, simulate_breakage
 from .connect import BLOB_THRESHOLD, BreakPrediction, connection_input, crop_padded, find_breaks, merge_breaks
 
-#: The CT channel of the connection network: HU clipped to the lung window, no display window
-#: (the attention is the second channel).
-CONNECTION_INPUT_SPEC = InputSpec(windows=())
+#: The CT channel of the connection network, no display window (the attention is the second
+#: channel).  DeepTree does not say how it normalises the CT; the clip range is set on the
+#: contrast the network must see, lumen air (-1000 HU) against lung parenchyma (-900 to
+#: -700 HU): -1100 to -400 HU maps that to a quarter of the range, where the stage-1 lung
+#: window (-1200 to 600 HU) gives it less than a tenth.
+CONNECTION_INPUT_SPEC = InputSpec(hu_clip=(-1100.0, -400.0), windows=())
 #: Share of a bridge's voxels that must lie in the ground truth for it to count as a true bridge.
 TRUE_BRIDGE_SHARE = 0.5
 
@@ -66,11 +75,14 @@ class BreakExamples:
         float16 breakage attention of the broken mask.
     target_zyx : numpy.ndarray
         bool, the voxels that repair the breaks (Y_B).
+    known_zyx : numpy.ndarray
+        bool, the broken (or predicted) mask itself: left out of the loss.
     blobs : list of AttentionBlob
     """
 
     attention_zyx: np.ndarray = field(repr=False)
     target_zyx: np.ndarray = field(repr=False)
+    known_zyx: np.ndarray = field(repr=False)
     blobs: list[AttentionBlob]
 
 
@@ -81,23 +93,26 @@ def simulated_examples(
     simulation = simulate_breakage(
         volume.labels3, volume.spacing_zyx, rng, connection.peripheral_fraction, connection.break_fraction, tree=tree,
     )
-    attention = breakage_attention(simulation.broken_zyx > 0, volume.spacing_zyx, alpha_mm=connection.alpha_mm)
+    broken = simulation.broken_zyx > 0
+    attention = breakage_attention(broken, volume.spacing_zyx, alpha_mm=connection.alpha_mm)
     blobs = find_attention_blobs(attention, BLOB_THRESHOLD)
-    return BreakExamples(attention.astype(np.float16), simulation.target_zyx, blobs), simulation
+    return BreakExamples(attention.astype(np.float16), simulation.target_zyx, broken, blobs), simulation
 
 
 def real_examples(volume: TrainingVolume, predicted_zyx: np.ndarray, connection: ConnectionConfig) -> BreakExamples:
     """The real breaks of a stage-1 prediction of a training volume and every blob of its attention."""
-    harvested = harvest_real_breaks(predicted_zyx > 0, volume.labels3 > 0, volume.spacing_zyx)
-    attention = breakage_attention(predicted_zyx > 0, volume.spacing_zyx, alpha_mm=connection.alpha_mm)
-    return BreakExamples(attention.astype(np.float16), harvested.target_zyx, find_attention_blobs(attention, BLOB_THRESHOLD))
+    predicted = predicted_zyx > 0
+    harvested = harvest_real_breaks(predicted, volume.labels3 > 0, volume.spacing_zyx)
+    attention = breakage_attention(predicted, volume.spacing_zyx, alpha_mm=connection.alpha_mm)
+    return BreakExamples(attention.astype(np.float16), harvested.target_zyx, predicted, find_attention_blobs(attention, BLOB_THRESHOLD))
 
 
 class ConnectionPatches(IterableDataset):
     """Training patches of the connection network (the module docstring says which).
 
-    Items: ``"image"`` float32 (2, D, H, W) (CT, attention) and ``"labels"`` int64 (D, H, W)
-    (1 on Y_B).  Seeding follows :class:`~AirwaySegmentationLib.sampling.PatchDataset`:
+    Items: ``"image"`` float32 (2, D, H, W) (CT, attention), ``"labels"`` int64 (D, H, W)
+    (1 on Y_B) and ``"loss_mask"`` float32 (D, H, W) (0 on the broken mask, see the module
+    docstring).  Seeding follows :class:`~AirwaySegmentationLib.sampling.PatchDataset`:
     ``(seed, epoch, worker)`` for the patch draws, and ``(seed, epoch, volume)`` for the
     simulation of a volume, so a resumed run repeats an uninterrupted one.
 
@@ -165,12 +180,14 @@ class ConnectionPatches(IterableDataset):
         ct = crop_padded(self.volumes[index].ct.array_zyx, centre, self.patch_zyx, PAD_HU)
         attention = crop_padded(examples.attention_zyx, centre, self.patch_zyx, 0.0).astype(np.float32)
         target = crop_padded(examples.target_zyx, centre, self.patch_zyx, False)
+        known = crop_padded(examples.known_zyx, centre, self.patch_zyx, False)
         if self.flips:
             axes = tuple(axis for axis in range(3) if rng.random() < 0.5)
-            ct, attention, target = (np.flip(a, axes) for a in (ct, attention, target))
+            ct, attention, target, known = (np.flip(a, axes) for a in (ct, attention, target, known))
         return {
             "image": torch.from_numpy(connection_input(ct, attention, self.spec)),
             "labels": torch.from_numpy(target.astype(np.int64)),
+            "loss_mask": torch.from_numpy((~known).astype(np.float32)),
         }
 
     def __iter__(self):
@@ -299,3 +316,23 @@ class ConnectionTask(TrainingTask):
             "task": "connection",
             "attention": {"alpha_mm": config.connection.alpha_mm, "channel": "last (after the CT channels)"},
         }
+
+
+class _LumenOracle(nn.Module):
+    """logit(breakage) = 100 * min(0.25 - ct, attention - 0.2) on the channels of CONNECTION_INPUT_SPEC."""
+
+    def forward(self, image: torch.Tensor) -> SegmentationOutput:
+        ct, attention = image[:, :1], image[:, 1:2]
+        breakage = 100.0 * torch.minimum(0.25 - ct, attention - 0.2)
+        return SegmentationOutput(torch.cat([torch.zeros_like(breakage), breakage], dim=1))
+
+
+def lumen_oracle(patch_size_zyx: Sequence[int] = (32, 32, 32)) -> SegmentationModel:
+    """A hand-written connection network with known behaviour, for self-tests that need no trained model.
+
+    It predicts breakage where the CT is lumen-dark (CT channel below 0.25: about -925 HU) and
+    the attention is above 0.2 (the second-nearest component closer than about 6.4 mm): the
+    missing lumen of a short break, never tissue.
+    """
+    card = {"attention": {"alpha_mm": 5.0}, "task": "connection"}
+    return SegmentationModel(_LumenOracle(), card, "lumen oracle", CONNECTION_INPUT_SPEC, tuple(patch_size_zyx))

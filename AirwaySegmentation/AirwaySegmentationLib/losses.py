@@ -353,9 +353,13 @@ class DiceFocalLoss(nn.Module):
     eps : float
         Dice smoothing (1e-7).
 
+    ``forward(logits, target, mask)``: an optional voxel mask (1 counts, 0 is left out of both
+    terms) for voxels whose prediction is never used (stage 2: voxels already in the broken
+    mask, which the merge does not touch).
+
     Shapes
     ------
-    ``forward(logits (N, C, D, H, W), target (N, D, H, W) or (N, C, D, H, W)) -> scalar``
+    ``forward(logits (N, C, D, H, W), target (N, D, H, W) or (N, C, D, H, W), mask (N, D, H, W) = None) -> scalar``
     """
 
     def __init__(self, gamma: float = 2.0, eps: float = 1e-7) -> None:
@@ -367,14 +371,22 @@ class DiceFocalLoss(nn.Module):
         self.gamma = gamma
         self.eps = eps
 
-    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def forward(self, logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         log_probabilities, probabilities, one_hot = _probabilities_and_target(logits, target)
+        if mask is not None:
+            if mask.shape != one_hot[:, 0].shape:
+                raise ValueError(f"mask shape {tuple(mask.shape)} does not match the target {tuple(one_hot[:, 0].shape)}")
+            mask = mask.to(probabilities.dtype)
+            probabilities = probabilities * mask[:, None]
+            one_hot = one_hot * mask[:, None]
         dims = (0, 2, 3, 4)
         intersection = (probabilities * one_hot).sum(dims)[1:]
         total = (probabilities + one_hot).sum(dims)[1:]
         dice = (2.0 * intersection + self.eps) / (total + self.eps)  # Qin 2020, eq. 7 (Dice)
-        log_true = (one_hot * log_probabilities).sum(dim=1)  # log p_t
-        focal = -((1.0 - log_true.exp()) ** self.gamma * log_true).mean()  # Qin 2020, eq. 7 (focal)
+        log_true = (one_hot * log_probabilities).sum(dim=1)  # log p_t (0 where masked out)
+        focal_terms = -((1.0 - log_true.exp()) ** self.gamma * log_true)
+        # Qin 2020, eq. 7 (focal): the mean over the voxels that count.
+        focal = focal_terms.mean() if mask is None else focal_terms.sum() / mask.sum().clamp_min(1.0)
         return (1.0 - dice).sum() + focal
 
 

@@ -255,7 +255,8 @@ class TrainingLoss(nn.Module):
         elif self.config.name == "dice_focal":
             phases = [(DiceFocalLoss(), None)] * 3
         elif self.config.name == "dice_ce":
-            phases = [(DiceFocalLoss(gamma=0.0, eps=1e-5), None)] * 3
+            # Batches may carry a "loss_mask" (stage 2: voxels whose prediction is never used).
+            phases = [(DiceFocalLoss(gamma=0.0, eps=1e-5), "loss_mask")] * 3
         self.phases = phases
         self.distillation = (
             AttentionDistillationLoss(alpha=config.distillation_weight, channel=config.distillation_channel)
@@ -269,7 +270,7 @@ class TrainingLoss(nn.Module):
 
     def _term(self, logits: torch.Tensor, batch: Mapping[str, torch.Tensor], phase: int) -> torch.Tensor:
         loss, weight_key = self.phases[phase - 1]
-        if weight_key is None:
+        if weight_key is None or (weight_key == "loss_mask" and weight_key not in batch):
             return loss(logits, batch["labels"])
         return loss(logits, batch["labels"], batch[weight_key])
 
