@@ -59,6 +59,7 @@ def test_a_gap_in_a_lumen_is_bridged_and_a_false_positive_is_not():
     assert not (filled & ~gap).any()
     assert filled[gap].all()
     assert bridge.gap_mm == pytest.approx(7.0)  # from x = 27 to x = 34
+    assert bridge.point_zyx[:2] == (16, 12)  # on the lumen's axis, not its wall
     assert bridge.confidence > 0.95  # sigmoid(100 * min(0.25 - 0.143, ...))
     assert len(set(bridge.components)) == 2 and set(bridge.joined) == set(bridge.components)
     others = [b for b in prediction.breaks if not b.connected]
@@ -372,3 +373,17 @@ def test_training_patches_mask_the_broken_label_out_of_the_loss(phantom):
         crops = [crop_padded(examples.known_zyx, blob.centre_zyx, (32, 32, 32), False) for blob in examples.blobs]
         assert any(np.array_equal(item["loss_mask"].numpy() == 0, crop) for crop in crops)
         assert not (item["labels"].numpy().astype(bool) & (item["loss_mask"].numpy() == 0)).any()
+
+
+def test_a_bridge_between_pieces_outside_the_tree_is_not_reported_merged():
+    labels = np.zeros((8, 8, 40), dtype=np.uint8)
+    labels[2:5, 2:5, 0:20] = 1  # the tree
+    labels[2:5, 2:5, 25:29] = 3  # two small pieces with a one-voxel gap at x = 29
+    labels[2:5, 2:5, 30:34] = 3
+    bridge = np.array([[3, 3, 29]])  # the gap's middle voxel joins the two small pieces
+    joined = Break(1, (3, 3, 29), 2.0, (2, 3), (36, 48), 0.9, True, (2, 3), bridge)
+    prediction = BreakPrediction(np.zeros(labels.shape, np.float32), 3, [joined])
+    geometry = Geometry()
+    refined, merged_ids, components = merge_selected(Volume(labels, geometry), prediction, [1, 1])
+    assert merged_ids == [] and components == 2
+    assert np.array_equal(refined.array_zyx > 0, labels == 1)

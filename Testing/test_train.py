@@ -102,7 +102,9 @@ def tiny_run(tmp_path_factory) -> tuple[Path, object]:
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
 def test_example_configs_load(path: Path) -> None:
     config = load_config(path)
-    assert config.data.phantoms.validation > 0 and config.sampling.patch_size_zyx == (128, 128, 128)
+    # Tang's 128^3 crops for stage 1, DeepTree's 64^3 patches for the connection network.
+    expected = (64, 64, 64) if config.task == "connection" else (128, 128, 128)
+    assert config.data.phantoms.validation > 0 and config.sampling.patch_size_zyx == expected
 
 
 def test_config_round_trips_through_toml(tmp_path) -> None:
@@ -425,7 +427,7 @@ def test_loading_never_unpickles(tmp_path, monkeypatch) -> None:
 def test_an_empty_catalogue_has_no_default_and_the_default_flag_wins(tmp_path) -> None:
     (tmp_path / "catalogue.json").write_text(json.dumps({"catalogue_version": 1, "models": []}))
     assert catalogue(tmp_path) == []
-    with pytest.raises(AirwayInputError, match="no bundled model yet; train one with airway train"):
+    with pytest.raises(AirwayInputError, match="no bundled segmentation model yet; train one with airway train"):
         default_model_name(tmp_path)
     export_model(build_network("wingsnet", base_width=2), {"architecture": {"name": "wingsnet", "kwargs": {"base_width": 2}}}, tmp_path / "w")
     entries = [{"name": "small", "file": "w.safetensors", "default": False}, {"name": "main", "file": "w.safetensors", "default": True}]
@@ -517,3 +519,17 @@ def test_the_bundled_models_load_and_match_their_catalogue() -> None:
         model, card = load_model(entry["name"])
         assert card["weights_file"] == entry["file"] and (BUNDLED_MODELS_DIR / entry["file"]).stat().st_size <= MAX_BUNDLED_BYTES
         assert card["training"]["command"].startswith("airway train") and "validation" in card and "input_spec" in card
+
+
+def test_a_stage1_run_saved_before_tasks_existed_resumes(tmp_path) -> None:
+    """Checkpoints written before configs had ``task`` and ``[connection]`` resume unchanged."""
+    config = config_from_dict(tiny(schedule={"epochs": 1, "iterations_per_epoch": 1}, sampling={"hard_mining_every": 0}))
+    train(config, tmp_path)
+    checkpoint = torch.load(tmp_path / "last.pt", weights_only=True)
+    sidecar = json.loads(checkpoint["sidecar"])
+    for key in ("task", "connection"):
+        del sidecar["config"][key]
+    checkpoint["sidecar"] = json.dumps(sidecar)
+    torch.save(checkpoint, tmp_path / "last.pt")
+    longer = config_from_dict(tiny(schedule={"epochs": 2, "iterations_per_epoch": 1}, sampling={"hard_mining_every": 0}))
+    assert train(longer, tmp_path).epochs == 2

@@ -19,9 +19,11 @@ Choices where the paper is silent (each also said where it is made):
 * *Confidence*: the mean predicted probability over the bridge's voxels; for a break without
   a bridge, the highest probability predicted outside the mask inside its blob (how close
   the network came to bridging it).
-* *Gap length*: at the blob voxel nearest to its second-nearest component (the attention's
-  peak), the distance to the nearest plus to the second-nearest component: the length of a
-  straight gap through that point.
+* *Gap point*: the blob's attention peak (its voxels nearest to a second component); where
+  a gap's whole cross-section ties, the tied voxel nearest their centroid (on the axis).
+* *Gap length*: at the gap point, the distance to the nearest plus to the second-nearest
+  component: the distance between the facing voxel centres across a straight gap (as the
+  simulation's ``length_mm``).
 * *Components*: the two components nearest that point (labels of ``cc3d`` at the given
   connectivity, largest first numbering is not implied); a bridge may join more.
 * *Class of new voxels*: "the class of the branch they join": each bridge voxel takes the
@@ -103,8 +105,10 @@ class Break:
         1-based, in the order of the blobs (highest attention first).
     point_zyx : tuple of 3 int
         Voxel index of the gap point (the blob's attention peak).
-    gap_mm : float
-        Distance to the nearest plus to the second-nearest component at that point.
+    gap_mm : float or None
+        Distance to the nearest plus to the second-nearest component at that point: the
+        distance between the facing voxel centres across a straight gap (None when the
+        components lie beyond the patch).
     components : tuple of 2 int
         The two components nearest the gap point (labels of the stage-1 mask's components).
     component_voxels : tuple of 2 int
@@ -121,7 +125,7 @@ class Break:
 
     id: int
     point_zyx: tuple[int, int, int]
-    gap_mm: float
+    gap_mm: float | None
     components: tuple[int, int]
     component_voxels: tuple[int, int]
     confidence: float
@@ -136,7 +140,7 @@ class Break:
             "id": self.id,
             "position_lps_mm": [round(float(v), 3) for v in position],
             "index_zyx": list(self.point_zyx),
-            "gap_mm": round(self.gap_mm, 3),
+            "gap_mm": None if self.gap_mm is None else round(self.gap_mm, 3),
             "components": list(self.components),
             "component_voxels": list(self.component_voxels),
             "confidence": round(self.confidence, 4),
@@ -264,13 +268,10 @@ def _read_break(
     start_zyx = np.asarray(blob.centre_zyx) - size // 2
     comp = crop_padded(components, blob.centre_zyx, size, 0)
     in_blob = crop_padded(blobs_zyx, blob.centre_zyx, size, 0) == blob.label
-    # Gap point: the blob's attention peak (its voxel nearest to a second component) in the patch.
-    attention_in_blob = np.where(in_blob, crop_padded(attention, blob.centre_zyx, size, 0.0), -1.0)
-    # A blob larger than the patch may leave it; its centre is then the gap point.
-    peak = np.unravel_index(int(np.argmax(attention_in_blob)), size) if in_blob.any() else tuple(size // 2)
-    # The two components nearest the gap point (module docstring).
-    # Distances from the gap point to every labelled voxel of the patch (the components that
-    # matter lie within the cutoff, well inside a 64^3 patch): one vectorised pass, no transform.
+    peak = _gap_point(np.where(in_blob, crop_padded(attention, blob.centre_zyx, size, 0.0), -1.0))
+    # The two components nearest the gap point (module docstring): distances from it to every
+    # labelled voxel of the patch (the components that matter lie within the cutoff, well
+    # inside a 64^3 patch), one vectorised pass, no transform.
     voxels = np.argwhere(comp > 0)
     owner = comp[tuple(voxels.T)]
     distance = np.sqrt(((voxels - np.asarray(peak)) ** 2 * np.square(spacing)).sum(axis=1))
@@ -279,9 +280,9 @@ def _read_break(
     if others.any():
         nearest_other = int(np.argmin(np.where(others, distance, np.inf)))
         second = int(owner[nearest_other])
-        gap = float(distance.min() + distance[nearest_other])
-    else:  # the second component lies beyond the patch
-        second, gap = 0, float("nan")
+        gap: float | None = float(distance.min() + distance[nearest_other])
+    else:  # a blob longer than its patch: the components lie beyond it
+        second, gap = 0, None
     # Bridge: predicted pieces outside the mask touching two or more components.
     predicted = (probability_zyx > threshold) & (comp == 0)
     pieces, n_pieces = cc3d.connected_components(predicted, connectivity=26, return_N=True)
@@ -305,10 +306,22 @@ def _read_break(
     point = tuple(int(v) for v in np.asarray(peak) + start_zyx)
     return Break(
         id=index, point_zyx=point, gap_mm=gap, components=(first, second),
-        component_voxels=(int(sizes[first]), int(sizes[second]) if second else 0),
+        component_voxels=(int(sizes[first]) if first else 0, int(sizes[second]) if second else 0),
         confidence=confidence, connected=connected, joined=tuple(sorted(joined)),
         bridge_zyx=global_zyx[inside].astype(np.int64),
     )
+
+
+def _gap_point(attention_in_blob: np.ndarray) -> tuple[int, int, int]:
+    """The blob's attention peak in the patch (-1 outside the blob): of the voxels tied at the peak
+    (a gap's whole cross-section), the one nearest their centroid, i.e. on the lumen's axis.
+    A blob that leaves the patch entirely gives the patch centre."""
+    peak = attention_in_blob.max()
+    if peak < 0:
+        return tuple(int(n) // 2 for n in attention_in_blob.shape)
+    tied = np.argwhere(attention_in_blob >= peak - 1e-6)
+    nearest = tied[np.argmin(((tied - tied.mean(axis=0)) ** 2).sum(axis=1))]
+    return tuple(int(v) for v in nearest)
 
 
 def _touched_components(pieces: np.ndarray, n_pieces: int, comp: np.ndarray) -> dict[int, set[int]]:
@@ -370,19 +383,21 @@ def merge_breaks(
             raise AirwayInputError(f"Break {unbridged[0]} has no predicted bridge to connect; leave it out.")
         chosen = [by_id[i] for i in ids]
     out = labels.copy()
-    if chosen:
-        voxels = np.concatenate([b.bridge_zyx for b in chosen])
-        new = np.zeros(labels.shape, dtype=bool)
-        new[tuple(voxels.T)] = True
-        new &= labels == 0
-        if new.any():
-            low = np.maximum(voxels.min(axis=0) - 2, 0)
-            high = np.minimum(voxels.max(axis=0) + 3, labels.shape)
-            box = tuple(slice(a, b) for a, b in zip(low, high))
-            # Each new voxel takes the class of the nearest labelled voxel (bridges touch the labels).
-            _, nearest = ndimage.distance_transform_edt(labels[box] == 0, sampling=spacing, return_indices=True)
-            classes = labels[box][tuple(nearest)]
-            out[box] = np.where(new[box], classes, out[box])
+    for chosen_break in chosen:
+        voxels = chosen_break.bridge_zyx
+        if not len(voxels):
+            continue
+        # Each new voxel takes the class of the nearest labelled voxel of the stage-1 labels; a
+        # bridge touches them, so a box around it padded by 2 voxels holds that voxel.
+        low = np.maximum(voxels.min(axis=0) - 2, 0)
+        high = np.minimum(voxels.max(axis=0) + 3, labels.shape)
+        box = tuple(slice(a, b) for a, b in zip(low, high))
+        nearest = ndimage.distance_transform_edt(labels[box] == 0, sampling=spacing, return_distances=False, return_indices=True)
+        local = tuple((voxels - low).T)
+        new = labels[box][local] == 0
+        classes = labels[box][tuple(index[local] for index in nearest)]
+        target = tuple(axis[new] for axis in voxels.T)
+        out[target] = classes[new]
     if keep_largest_component and out.any():
         out[~largest_component(out > 0, connectivity)] = 0
     return out

@@ -4,7 +4,9 @@
 connects the breaks (stage 2), extracts the centerlines of the final tree and draws the
 report, under one progress callback.  Each step writes its files as soon as it is done, each
 file atomically, so a failure or a cancel keeps every earlier step's outputs; ``run.json``
-(steps, timings, counts, models) is written last.  Files in the output folder:
+(steps, timings, counts, models) is written last and removed when a run starts, so a folder
+with a ``run.json`` holds one finished run (a failed rerun can leave its new files beside an
+earlier run's later ones, and no ``run.json``).  Files in the output folder:
 
 - ``stage1_labels.nii.gz``: stage-1 labels with all their components (before refinement);
 - ``labels.nii.gz``, ``attention.nii.gz``, ``breaks.json``: stage 2 (:mod:`~AirwayRefineLib.refine`);
@@ -106,6 +108,8 @@ def run_pipeline(
     # Both models first: a wrong name fails before minutes of work.
     stage1 = model if isinstance(model, SegmentationModel) else load_segmentation_model(model)
     stage2 = connection_model if isinstance(connection_model, SegmentationModel) else load_connection_model(connection_model)
+    # run.json marks a finished run: an earlier one's goes now, so a failure here leaves none.
+    (out / RUN_FILE).unlink(missing_ok=True)
     timings: dict[str, float] = {}
     outputs: list[str] = []
 
@@ -127,7 +131,7 @@ def run_pipeline(
     begin = time.perf_counter()
     refined = refine_ct(ct, stage1_result.labels, stage2, settings, connect=connect,
                         progress=sub_progress(progress, 0.55, 0.8), cancel=cancel)
-    refined.info.update({"ct": str(ct_path), "version": __version__})
+    refined.info.update({"ct": str(Path(ct_path).resolve()), "airway_version": __version__})
     outputs += write_refinement(refined, out)
     step("stage2", begin)
 
@@ -144,7 +148,7 @@ def run_pipeline(
     prediction = refined.prediction
     summary = {
         "version": __version__,
-        "ct": str(ct_path),
+        "ct": str(Path(ct_path).resolve()),
         "shape_zyx": list(ct.array_zyx.shape),
         "spacing_zyx": list(ct.spacing_zyx),
         "models": {"stage1": stage1.describe(), "stage2": stage2.describe()},
@@ -176,6 +180,10 @@ def run_pipeline(
             outputs += list(REPORT_FILES)
         step("report", begin)
     timings["total"] = round(time.perf_counter() - started, 3)
+    # Files an earlier run left that this one did not write (no centerlines, no report).
+    for name in (*CENTERLINE_FILES, *REPORT_FILES):
+        if name not in outputs:
+            (out / name).unlink(missing_ok=True)
     summary["outputs"] = outputs + [RUN_FILE]
     write_json(summary, out / RUN_FILE)
     report(progress, 1.0, f"Done in {timings['total']:.1f} s")

@@ -5,12 +5,12 @@
 geometry; :func:`write_refinement` writes the outputs all or none; :func:`refine_file`
 reads, refines and writes.  Outputs in the output folder:
 
-- ``labels.nii.gz``: the refined three-class labels (largest component), in the CT's geometry;
+- ``labels.nii.gz``: the refined labels (the stage-1 classes, largest component), in the CT's geometry;
 - ``attention.nii.gz``: the breakage attention (float32: NIfTI, NRRD and MetaImage have no
   16-bit float, so the float16 the issue asks for is not possible in these formats);
 - ``breaks.json``: every break with its id, position (LPS mm), voxel index, gap length,
   the two components, confidence, whether a bridge was predicted (``connected``) and whether
-  it was merged into the labels (``merged``).
+  it is in the refined labels (``merged``: chosen, and part of the largest component).
 """
 
 from __future__ import annotations
@@ -56,7 +56,8 @@ class RefineResult:
     prediction : BreakPrediction
         The breaks and their bridges, to merge another subset without predicting again.
     merged_ids : list of int
-        The breaks whose bridges are in ``labels``.
+        The chosen breaks whose bridges are in ``labels`` (a bridge between two pieces that
+        are not the largest component is dropped with them).
     components_after : int
         Components after the merge, before keeping the largest.
     timings_s : dict
@@ -98,7 +99,7 @@ def _chosen(prediction: BreakPrediction, connect: str | Iterable[int]) -> list[i
         if connect == "none":
             return []
         raise AirwayInputError(f"connect must be 'all', 'none' or a list of break ids, got {connect!r}.")
-    return sorted(int(i) for i in connect)
+    return sorted({int(i) for i in connect})
 
 
 def merge_selected(
@@ -111,6 +112,7 @@ def merge_selected(
     labels : Volume
         Refined labels (largest component).
     merged_ids : list of int
+        Chosen breaks whose bridges survive in ``labels``.
     components_after : int
         Components after the merge and before keeping the largest.
     """
@@ -121,7 +123,8 @@ def merge_selected(
     final = merged
     if final.any():
         final[~largest_component(final > 0, 26)] = 0  # DeepTree: the largest component is the tree
-    merged_ids = [b.id for b in prediction.breaks if b.connected] if ids is None else ids
+    chosen = [b for b in prediction.breaks if b.connected and (ids is None or b.id in ids)]
+    merged_ids = [b.id for b in chosen if final[tuple(b.bridge_zyx.T)].any()]
     return stage1_labels.with_array(final), merged_ids, components
 
 
@@ -148,7 +151,8 @@ def refine_ct(
     settings : InferenceSettings
         Device, precision, batch size, threads.
     connect : "all", "none" or iterable of int
-        Which breaks to merge: every bridged one, none (attention and list only), or these ids.
+        Which breaks to merge: every bridged one, none, or these ids.  The labels are always
+        cut to their largest component, so "none" gives stage 1's largest component.
     progress, cancel
         ``progress(fraction, message)``; a cancel token checked between batches.
 
@@ -217,7 +221,7 @@ def refine_file(
     labels = read_label(labels_path, reference=ct)
     result = refine_ct(ct, labels, loaded, settings, connect=connect, progress=sub_progress(progress, 0.02, 0.97), cancel=cancel)
     report(progress, 0.97, f"Writing to {out_dir}")
-    result.info.update({"ct": str(ct_path), "labels": str(labels_path), "version": __version__})
+    result.info.update({"ct": str(Path(ct_path).resolve()), "labels": str(Path(labels_path).resolve()), "airway_version": __version__})
     write_refinement(result, out_dir)
     report(progress, 1.0, "Done")
     return result

@@ -523,8 +523,17 @@ def _write_copies(out_dir: Path, sidecar: str, log: list[dict], columns: Sequenc
 
 
 def _comparable(config: dict) -> dict:
-    """A config without the keys a resumed run may change (the run length)."""
-    return {**config, "schedule": {**config["schedule"], "epochs": None}}
+    """A config without the keys a resumed run may change (the run length).
+
+    Stage-1 runs saved before configs had a ``task`` and a ``[connection]`` table compare
+    equal to the same run now: a missing task is "segmentation", whose runs ignore
+    ``[connection]``.
+    """
+    config = {**config, "schedule": {**config["schedule"], "epochs": None}}
+    config.setdefault("task", "segmentation")
+    if config["task"] == "segmentation":
+        config.pop("connection", None)
+    return config
 
 
 def _load_checkpoint(out_dir: Path, config: TrainConfig) -> _Checkpoint | None:

@@ -405,8 +405,8 @@ class TrainConfig:
             # The connection task has no hard mining (its patches sit at breaks) and one output.
             _check(self.sampling.hard_mining_every == 0, "sampling.hard_mining_every", "0 for task connection",
                    self.sampling.hard_mining_every)
-            _check(self.loss.name in ("dice_ce", "dice_focal"), "loss.name", "dice_ce or dice_focal for task connection",
-                   self.loss.name)
+            # dice_ce is the loss that leaves the broken mask out (AirwayRefineLib.connect_training).
+            _check(self.loss.name == "dice_ce", "loss.name", "dice_ce for task connection", self.loss.name)
         # SeedSequence takes any integer >= 0; TOML integers are signed 64-bit.
         _check(0 <= self.seed < 2**63, "seed", "an integer in [0, 2**63)", self.seed)
         overlap, patch = self.validation.overlap_zyx, self.sampling.patch_size_zyx
@@ -484,9 +484,12 @@ def config_from_dict(table: Mapping) -> TrainConfig:
     divisor = network.input_divisor
     if config.task == "connection":
         # Early fusion of the CT and the attention in, background and breakage out.
-        with torch.no_grad():
-            logits = network.eval()(torch.zeros((1, 2) + (2 * divisor,) * 3)).main
-        _check(logits.shape[1] == 2, "network.kwargs", "a network with 2 input and 2 output channels for task connection",
+        try:
+            with torch.no_grad():
+                channels = network.eval()(torch.zeros((1, 2) + (2 * divisor,) * 3)).main.shape[1]
+        except (ValueError, RuntimeError):
+            channels = None  # not 2 input channels
+        _check(channels == 2, "network.kwargs", "a network with 2 input and 2 output channels for task connection",
                config.network.kwargs)
     patch = config.sampling.patch_size_zyx
     _check(
