@@ -9,7 +9,6 @@ Libs is imported at module load: their packages may be installed only on the fir
 """
 
 import logging
-import math
 import tempfile
 import time
 from dataclasses import dataclass, field, replace
@@ -331,7 +330,7 @@ def breakTableRows(breaks: list) -> list:
         gap = record["gap_mm"]
         rows.append([
             str(record["id"]),
-            "-" if math.isnan(gap) else f"{gap:.1f}",  # NaN: the second piece lies beyond the patch
+            "-" if gap is None else f"{gap:.1f}",  # None: the pieces lie beyond the patch
             f"{record['confidence']:.2f}",
             _("yes") if record["connected"] else _("no"),
             _("yes") if record["merged"] else _("no"),

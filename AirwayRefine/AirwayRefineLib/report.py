@@ -277,7 +277,9 @@ def _components(labels_zyx: np.ndarray) -> int:
 
 
 def _format_value(value: object) -> str:
-    """Booleans as yes/no, reals to three significant digits (never in exponent form), lists joined."""
+    """Booleans as yes/no, reals to three significant digits (never in exponent form), lists joined, None as "-"."""
+    if value is None:
+        return "-"
     if isinstance(value, (bool, np.bool_)):
         return "yes" if value else "no"
     if isinstance(value, (int, np.integer)):
@@ -644,7 +646,7 @@ def _axial_slice(
         axes.plot(left, posterior, marker="o", markersize=18, markerfacecolor="none",
                   markeredgecolor=_break_rgb(record), markeredgewidth=1.5)  # fmt: skip
         state = "merged" if record["merged"] else ("bridged, not merged" if record["connected"] else "not bridged")
-        axes.set_title(f"(c) break {record['id']}: gap {_format_value(float(record['gap_mm']))} mm, {state}",
+        axes.set_title(f"(c) break {record['id']}: gap {_format_value(record['gap_mm'])} mm, {state}",
                        fontsize=10)  # fmt: skip
     _orientation_letters(axes, "A", "P")
     axes.set_axis_off()
@@ -677,7 +679,7 @@ def _break_list(axes: Axes, breaks: list[dict]) -> None:
 def _break_cells(record: dict) -> list[str]:
     """Id, gap (mm), confidence, connected and merged of one break, as shown in both tables."""
     return [
-        str(record["id"]), _format_value(float(record["gap_mm"])), _format_value(float(record["confidence"])),
+        str(record["id"]), _format_value(record["gap_mm"]), _format_value(float(record["confidence"])),
         _format_value(bool(record["connected"])), _format_value(bool(record["merged"])),
     ]  # fmt: skip
 
