@@ -651,7 +651,7 @@ def refinement(refine_module, broken_airway_scene, oracle):
 
 
 def test_break_table_rows(refine_module) -> None:
-    record = {"id": 4, "gap_mm": float("nan"), "confidence": 0.31234, "connected": False, "merged": False,
+    record = {"id": 4, "gap_mm": None, "confidence": 0.31234, "connected": False, "merged": False,
               "component_voxels": [5120, 37], "position_lps_mm": [1.0, 2.0, 3.0]}
     bridged = {**record, "id": 5, "gap_mm": 6.04, "confidence": 0.98, "connected": True, "merged": True}
     assert refine_module.breakTableRows([record, bridged]) == [
