@@ -119,7 +119,8 @@ def main() -> None:
     args = parser.parse_args()
     model = load_connection_model(args.model)
     stage1 = load_segmentation_model(args.stage1)
-    held_out(model, stage1, args.phantoms, tuple(args.shape))
+    if args.phantoms:
+        held_out(model, stage1, args.phantoms, tuple(args.shape))
     if args.timing:
         timing(model, stage1)
 

@@ -185,6 +185,7 @@ def find_attention_blobs(
     threshold: float = 0.5,
     connectivity: int = 26,
     min_voxels: int = 1,
+    labels: tuple[np.ndarray, int] | None = None,
 ) -> list[AttentionBlob]:
     """Blobs of ``attention > threshold`` and their attention-weighted centres.
 
@@ -204,6 +205,9 @@ def find_attention_blobs(
         Connectivity of the blobs: 6, 18 or 26.
     min_voxels : int
         Smaller blobs are left out.
+    labels : (numpy.ndarray, int), optional
+        :func:`blob_labels` of the same map, threshold and connectivity, when the caller has
+        them already (they are computed here otherwise).
 
     Returns
     -------
@@ -215,7 +219,7 @@ def find_attention_blobs(
         raise AirwayInputError(
             f"Expected a 3-D attention map but got an array with {attention.ndim} dimensions; give one 3-D volume."
         )
-    labels, count = blob_labels(attention, threshold, connectivity)
+    labels, count = blob_labels(attention, threshold, connectivity) if labels is None else labels
     if count == 0:
         return []
     flat = labels.ravel()

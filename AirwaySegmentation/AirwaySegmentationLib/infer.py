@@ -511,6 +511,7 @@ class SlidingWindow:
         patches_nczyx: np.ndarray,
         progress: ProgressCallback | None = None,
         cancel: CancelToken | None = None,
+        channel: int | None = None,
     ) -> np.ndarray:
         """Class probabilities of separate patches (no blending), in batches of the settings' size.
 
@@ -525,11 +526,13 @@ class SlidingWindow:
             ``progress(fraction, message)`` after each batch.
         cancel : CancelToken, optional
             Checked before each batch.
+        channel : int, optional
+            Keep only this class's probability.
 
         Returns
         -------
         numpy.ndarray
-            float32 ``(N, classes, D, H, W)``.
+            float32 ``(N, classes, D, H, W)``, or ``(N, D, H, W)`` for one ``channel``.
         """
         patches = torch.from_numpy(np.ascontiguousarray(patches_nczyx, dtype=np.float32))
         out: np.ndarray | None = None
@@ -540,7 +543,10 @@ class SlidingWindow:
                     raise Cancelled("Prediction cancelled.")
                 batch = patches[done : done + self.batch_size]
                 try:
-                    probabilities = self._predict_batch(batch).float().cpu().numpy()
+                    probabilities = self._predict_batch(batch)
+                    if channel is not None:
+                        probabilities = probabilities[:, channel]
+                    probabilities = probabilities.float().cpu().numpy()
                 except torch.cuda.OutOfMemoryError:
                     probabilities = None
                 if probabilities is None:
@@ -551,7 +557,9 @@ class SlidingWindow:
                 out[done : done + len(batch)] = probabilities
                 done += len(batch)
                 report(progress, done / len(patches), f"Predicted patch {done} of {len(patches)}")
-        return np.empty((0,) + patches.shape[1:], dtype=np.float32) if out is None else out
+        if out is None:  # no patches
+            return np.empty((0,) + patches.shape[1 if channel is None else 2 :], dtype=np.float32)
+        return out
 
     def _predict(self, image: torch.Tensor, boxes: Sequence[Box]) -> torch.Tensor:
         """Class probabilities (float32, on the device) of a batch of windows."""
