@@ -375,7 +375,9 @@ def test_device_choices_are_the_cores(module) -> None:
 def test_the_module_lists_the_bundled_catalogue(module) -> None:
     from AirwaySegmentationLib.catalogue import catalogue
 
-    assert module.AirwaySegmentationLogic.bundledModels() == catalogue()
+    # The stage-1 models only: the connection models are AirwayRefine's.
+    assert module.AirwaySegmentationLogic.bundledModels() == catalogue(task="segmentation")
+    assert all(entry["task"] == "segmentation" for entry in module.AirwaySegmentationLogic.bundledModels())
 
 
 def _catalogue(folder: Path, models: list[dict]) -> Path:

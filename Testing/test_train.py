@@ -509,14 +509,16 @@ def test_exported_weights_get_ordinary_file_permissions(tmp_path) -> None:
 
 
 def test_the_bundled_models_load_and_match_their_catalogue() -> None:
-    """Every catalogue entry loads (SHA-256 checked), stays under the size limit, and one is the default."""
+    """Every catalogue entry loads (SHA-256 checked), stays under the size limit, and one per task is the default."""
     from AirwaySegmentationLib.models import MAX_BUNDLED_BYTES
     from AirwaySegmentationLib.catalogue import BUNDLED_MODELS_DIR
 
     entries = catalogue()
-    assert sum(bool(entry.get("default")) for entry in entries) <= 1
+    for task in ("segmentation", "connection"):
+        assert sum(bool(entry.get("default")) for entry in entries if entry["task"] == task) <= 1
     for entry in entries:
         model, card = load_model(entry["name"])
+        assert card.get("task", "segmentation") == entry["task"]
         assert card["weights_file"] == entry["file"] and (BUNDLED_MODELS_DIR / entry["file"]).stat().st_size <= MAX_BUNDLED_BYTES
         assert card["training"]["command"].startswith("airway train") and "validation" in card and "input_spec" in card
 
