@@ -845,3 +845,26 @@ def test_the_modules_self_test_runs_on_a_slicer_core_scene(refine_module, slicer
             pass
 
     SelfTest("runTest").runTest()
+
+
+def test_the_batch_example_calls_the_logic_as_it_is(module, refine_module) -> None:
+    """examples/batch.py (run inside Slicer) compiles and passes only keywords the Logic methods take."""
+    import ast
+    import inspect
+
+    path = ROOT / "examples" / "batch.py"
+    tree = ast.parse(path.read_text())
+    compile(tree, str(path), "exec")
+    methods = {
+        "process": [module.AirwaySegmentationLogic.process, refine_module.AirwayRefineLogic.process],
+        "exportCenterlines": [refine_module.AirwayRefineLogic.exportCenterlines],
+        "ensureDependencies": [module.AirwaySegmentationLogic.ensureDependencies],
+    }
+    calls = [node for node in ast.walk(tree) if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)]
+    checked = [call for call in calls if call.func.attr in methods]
+    for call in checked:  # a call fits one of the methods of its name (both modules' Logic has a process)
+        assert any(
+            all(keyword.arg in inspect.signature(method).parameters for keyword in call.keywords)
+            for method in methods[call.func.attr]
+        ), ast.unparse(call)
+    assert len(checked) == 4
