@@ -53,6 +53,7 @@ Examples
 
 from __future__ import annotations
 
+import abc
 import csv
 import dataclasses
 import datetime
@@ -295,7 +296,7 @@ class TrainingLoss(nn.Module):
 # --------------------------------------------------------------------------------------
 
 
-class TrainingTask:
+class TrainingTask(abc.ABC):
     """One kind of training the loop runs: its data, its patches, its validation.
 
     The loop (:func:`train`) owns the model, optimizer, schedule, precision, DDP, checkpoints
@@ -320,24 +321,24 @@ class TrainingTask:
     output_description: str = ""
     input_spec: InputSpec = DEFAULT_INPUT_SPEC
 
+    @abc.abstractmethod
     def load(self, config: TrainConfig, runtime: Runtime, progress: ProgressCallback | None) -> None:
         """Load or build the training and (on the main process) validation data, once per run."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def dataset(self, config: TrainConfig, spec: InputSpec, seed: int) -> IterableDataset:
         """The patch stream of one process: ``config.schedule.iterations_per_epoch * batch_size``
         dicts of tensors (``"image"``, ``"labels"`` and the loss weights) per epoch; it has
         ``set_epoch(epoch)``, which reseeds it."""
-        raise NotImplementedError
 
     @property
+    @abc.abstractmethod
     def validates(self) -> bool:
         """Whether there are validation data (without, the newest model is kept as the best)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def validate(self, model: nn.Module, config: TrainConfig, spec: InputSpec, runtime: Runtime) -> dict[str, float]:
         """The :attr:`metric_names` of ``model`` on the validation data (main process only)."""
-        raise NotImplementedError
 
     def mine(self, model: nn.Module, config: TrainConfig, spec: InputSpec, runtime: Runtime) -> list[np.ndarray] | None:
         """Hard-mining state from the current model (every ``sampling.hard_mining_every``
