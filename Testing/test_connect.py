@@ -257,13 +257,11 @@ def test_reconnection_metrics_of_a_perfect_and_a_wrong_bridge(phantom):
     n = cc3d.connected_components(simulation.broken_zyx > 0, connectivity=26, return_N=True)[1]
     perfect = Break(1, (0, 0, 0), 1.0, (1, 2), (1, 1), 1.0, True, (1, 2), np.argwhere(simulation.target_zyx))
     prediction = BreakPrediction(attention, n, [perfect])
-    refined = merge_breaks(simulation.broken_zyx, prediction, volume.spacing_zyx)
-    metrics = reconnection_metrics(simulation, tree, prediction, refined, volume.labels3)
+    metrics = reconnection_metrics(simulation, tree, prediction, volume.labels3)
     assert metrics["reconnected"] == 100.0 and metrics["false_bridges"] == 0.0 and metrics["single_component"] == 100.0
     outside = np.argwhere(volume.labels3 == 0)[:50]
     wrong = BreakPrediction(attention, n, [Break(1, (0, 0, 0), 1.0, (1, 2), (1, 1), 1.0, True, (1, 2), outside)])
-    refined = merge_breaks(simulation.broken_zyx, wrong, volume.spacing_zyx)
-    metrics = reconnection_metrics(simulation, tree, wrong, refined, volume.labels3)
+    metrics = reconnection_metrics(simulation, tree, wrong, volume.labels3)
     assert metrics["reconnected"] == 0.0 and metrics["false_bridges"] == 100.0 and metrics["single_component"] == 0.0
 
 

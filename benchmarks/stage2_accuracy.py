@@ -28,7 +28,7 @@ import cc3d
 import numpy as np
 
 from AirwayRefineLib.breakage import simulate_breakage
-from AirwayRefineLib.connect import find_breaks, load_connection_model, merge_breaks
+from AirwayRefineLib.connect import find_breaks, load_connection_model
 from AirwayRefineLib.connect_training import reconnection_metrics
 from AirwayRefineLib.refine import refine_ct
 from AirwaySegmentationLib.arrays import largest_component
@@ -65,8 +65,7 @@ def held_out(model, stage1, count: int, shape_zyx: tuple[int, int, int]) -> None
         tree = parse_airway_tree(truth > 0, spacing, connectivity=26)
         simulation = simulate_breakage(truth, spacing, np.random.default_rng(seed), tree=tree)
         prediction = find_breaks(ct.array_zyx, simulation.broken_zyx, spacing, model)
-        repaired = merge_breaks(simulation.broken_zyx, prediction, spacing)
-        row = reconnection_metrics(simulation, tree, prediction, repaired, truth)
+        row = reconnection_metrics(simulation, tree, prediction, truth)
         simulated.append(row)
 
         stage1_labels = segment_ct(ct.array_zyx, ct.geometry, stage1, keep_largest_component=False).labels

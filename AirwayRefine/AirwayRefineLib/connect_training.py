@@ -34,12 +34,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-import cc3d
 import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import IterableDataset, get_worker_info
 
+from AirwaySegmentationLib.arrays import largest_component_and_count
 from AirwaySegmentationLib.data import TrainingVolume
 from AirwaySegmentationLib.inference_settings import InferenceSettings
 from AirwaySegmentationLib.networks import SegmentationOutput
@@ -204,7 +204,6 @@ def reconnection_metrics(
     simulation: BreakageSimulation,
     tree: AirwayTree,
     prediction: BreakPrediction,
-    refined_zyx: np.ndarray,
     ground_truth_zyx: np.ndarray,
 ) -> dict[str, float]:
     """How well stage 2 repaired a simulated breakage.
@@ -216,9 +215,8 @@ def reconnection_metrics(
     tree : AirwayTree
         The parse of the ground truth the simulation used.
     prediction : BreakPrediction
-        :func:`~AirwayRefineLib.connect.find_breaks` on the broken label.
-    refined_zyx : numpy.ndarray
-        :func:`~AirwayRefineLib.connect.merge_breaks` of every bridge, largest component kept.
+        :func:`~AirwayRefineLib.connect.find_breaks` on the broken label; every bridge is
+        merged (:func:`~AirwayRefineLib.connect.merge_breaks`), as ``airway refine`` does.
     ground_truth_zyx : numpy.ndarray
         The label before the simulation.
 
@@ -230,6 +228,8 @@ def reconnection_metrics(
         less than half their voxels in the ground truth; ``single_component``: 100 when the
         merged result (before keeping the largest component) is one component, else 0.
     """
+    merged = merge_breaks(simulation.broken_zyx, prediction, tree.spacing_zyx, keep_largest_component=False)
+    refined, components = largest_component_and_count(merged > 0, 26)
     by_id = {branch.id: branch for branch in tree.branches}
     reconnected = 0
     for simulated in simulation.breaks:
@@ -238,12 +238,10 @@ def reconnection_metrics(
         positions = [i for i, v in enumerate(skeleton.tolist()) if tuple(v) in run]
         distal = skeleton[max(positions) + 1 :]
         distal = distal[simulation.broken_zyx[tuple(distal.T)] > 0]
-        reconnected += bool(len(distal)) and bool(refined_zyx[tuple(distal[-1])] > 0)
+        reconnected += bool(len(distal)) and bool(refined[tuple(distal[-1])])
     bridges = [b for b in prediction.breaks if b.connected]
     truth = ground_truth_zyx > 0
     false = sum(truth[tuple(b.bridge_zyx.T)].mean() < TRUE_BRIDGE_SHARE for b in bridges)
-    merged = merge_breaks(simulation.broken_zyx, prediction, tree.spacing_zyx, keep_largest_component=False)
-    components = cc3d.connected_components(merged > 0, connectivity=26, return_N=True)[1]
     return {
         "breaks": float(len(simulation.breaks)),
         "reconnected": 100.0 * reconnected / max(len(simulation.breaks), 1),
@@ -304,8 +302,7 @@ class ConnectionTask(TrainingTask):
         rows = []
         for volume, tree, simulation in self.validation:
             prediction = find_breaks(volume.ct.array_zyx, simulation.broken_zyx, volume.spacing_zyx, loaded, settings)
-            refined = merge_breaks(simulation.broken_zyx, prediction, volume.spacing_zyx)
-            rows.append(reconnection_metrics(simulation, tree, prediction, refined, volume.labels3))
+            rows.append(reconnection_metrics(simulation, tree, prediction, volume.labels3))
         means = {key: float(np.mean([row[key] for row in rows])) for key in rows[0]}
         means["score"] = means["reconnected"] - means["false_bridges"]
         return means

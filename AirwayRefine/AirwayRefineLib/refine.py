@@ -21,11 +21,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import cc3d
 import numpy as np
 
 from AirwaySegmentationLib import __version__
-from AirwaySegmentationLib.arrays import largest_component
+from AirwaySegmentationLib.arrays import largest_component_and_count
 from AirwaySegmentationLib.errors import AirwayInputError
 from AirwaySegmentationLib.inference_settings import InferenceSettings
 from AirwaySegmentationLib.infer import CancelToken
@@ -118,11 +117,9 @@ def merge_selected(
     """
     ids = _chosen(prediction, connect)
     spacing = stage1_labels.spacing_zyx
-    merged = merge_breaks(stage1_labels.array_zyx, prediction, spacing, ids, keep_largest_component=False)
-    components = int(cc3d.connected_components(merged > 0, connectivity=26, return_N=True)[1])
-    final = merged
-    if final.any():
-        final[~largest_component(final > 0, 26)] = 0  # DeepTree: the largest component is the tree
+    final = merge_breaks(stage1_labels.array_zyx, prediction, spacing, ids, keep_largest_component=False)
+    tree, components = largest_component_and_count(final > 0, 26)
+    final[~tree] = 0  # DeepTree: the largest component is the tree
     chosen = [b for b in prediction.breaks if b.connected and (ids is None or b.id in ids)]
     merged_ids = [b.id for b in chosen if final[tuple(b.bridge_zyx.T)].any()]
     return stage1_labels.with_array(final), merged_ids, components

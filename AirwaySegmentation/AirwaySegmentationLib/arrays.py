@@ -80,16 +80,21 @@ def largest_component(mask: np.ndarray, connectivity: int = 26) -> np.ndarray:
 
     Labels only the bounding box of the mask, so the cost follows the airway, not the scan.
     """
+    return largest_component_and_count(mask, connectivity)[0]
+
+
+def largest_component_and_count(mask: np.ndarray, connectivity: int = 26) -> tuple[np.ndarray, int]:
+    """:func:`largest_component` and the number of components, from one labelling."""
     check_connectivity(connectivity)
     result = np.zeros(mask.shape, dtype=bool)
     box = bounding_box(mask)
     if box is None:
-        return result
+        return result, 0
     components, count = cc3d.connected_components(mask[box], connectivity=connectivity, return_N=True)
     sizes = np.bincount(components.ravel(), minlength=count + 1)
     sizes[0] = 0
     result[box] = components == int(np.argmax(sizes))
-    return result
+    return result, int(count)
 
 
 def fill_holes(mask: np.ndarray) -> np.ndarray:
