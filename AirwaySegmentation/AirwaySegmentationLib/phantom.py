@@ -7,12 +7,18 @@ The phantom is built from analytic geometry and then imaged like a CT scanner wo
    (ribs and sternum), the spine (vertebral bodies, discs, posterior arches, spinal
    canal), the mediastinum, the heart with epicardial fat, the aorta and the superior vena
    cava, the oesophagus (with some swallowed air), the liver under the diaphragm, two lungs
-   with a parenchymal texture, and the patient table.  The anatomy is scaled to the field
+   with a parenchymal texture, and the patient table.  Drawn from a stream of their own
+   (so a seed's anatomy and trees do not depend on them): the lungs' density (-905 to
+   -850 HU) and its front-to-back gradient (25-70 HU), centrilobular emphysema in about
+   half of the phantoms, a gown or blanket of 0-3 folded sheets outside the skin, and the
+   trachea's own calibre (below).  The anatomy is scaled to the field
    of view (an adult chest at about 400 mm in plane), so a small grid holds a small chest
    rather than a cut-off one; airway calibres (and the main bronchi's lengths) scale with
    the square root of that factor (a child's airways are relatively wide), which keeps 10
    resolvable generations at 256^3 / 0.8 mm (larger or smaller powers give fewer: wider
-   airways need longer branches and run out of room sooner).
+   airways need longer branches and run out of room sooner).  The trachea alone is drawn
+   1-1.8 times wider than that (at most 22 mm), leaning forwards at its top: a real
+   trachea's lumen is the widest air in the chest, and its calibre sets nothing below it.
 2. **Airway tree.**  Trachea, carina and asymmetric main bronchi (the right one shorter,
    steeper and wider), then a space-filling tree grown after Kitaoka et al. (J Appl
    Physiol 1999): the territory of each branch (points on a lattice inside its lung) is
@@ -409,9 +415,10 @@ class _Chest:
     arch_z: float
     carina_xyz: tuple[float, float, float]
     trachea_d: float
+    trachea_lumen_d: float
 
     @staticmethod
-    def layout(extent_xyz: np.ndarray, rng: np.random.Generator) -> "_Chest":
+    def layout(extent_xyz: np.ndarray, rng: np.random.Generator, habitus: np.random.Generator) -> "_Chest":
         # Reference adult chest (s = 1) is about 340 x 250 mm in plane; scale it to the field of view.
         s = float(min(1.0, extent_xyz[0] / 380.0, extent_xyz[1] / 300.0))
 
@@ -457,7 +464,11 @@ class _Chest:
             carina_xyz=(0.0, spine_y - 42.0 * s, carina_z),
             # Airways shrink less than the body on a small grid (as in a child), which
             # keeps enough generations above the voxel size.
-            trachea_d=_ADULT_TRACHEA_MM * s**_CALIBRE_EXPONENT * jitter(),
+            trachea_d=(trachea_d := _ADULT_TRACHEA_MM * s**_CALIBRE_EXPONENT * jitter()),
+            # The trachea itself keeps close to its adult calibre: a real scan shows a lumen of
+            # 15-25 mm (LIDC-IDRI-0314: about 24 x 18 mm), wider than anything else in the
+            # chest, and a network that never saw one leaves its centre out.
+            trachea_lumen_d=min(trachea_d * float(habitus.uniform(1.0, 1.8)), 1.3 * _ADULT_TRACHEA_MM),
         )
 
     # Surfaces as approximate signed distances (negative inside); arguments broadcast.
@@ -522,7 +533,8 @@ class _Chest:
         return result[0], result[1]
 
 
-def _render_anatomy(grid: _Grid, chest: _Chest, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def _render_anatomy(grid: _Grid, chest: _Chest, rng: np.random.Generator,
+                    habitus: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Background anatomy in HU (float32) and the lung mask, slab by slab to keep temporaries small."""
     hu = np.empty(grid.shape_zyx, dtype=np.float32)
     lungs = np.zeros(grid.shape_zyx, dtype=np.uint8)
@@ -544,6 +556,14 @@ def _render_anatomy(grid: _Grid, chest: _Chest, rng: np.random.Generator) -> tup
     canal_sd = _ellipse_sd(x, y - (chest.spine_y + chest.vertebra_r + 10.0 * s), 8.0 * s, 7.0 * s)
     arch, canal = _fraction(canal_sd - 4.0 * s, edge), _fraction(canal_sd, edge)
     scapulae = _scapulae(x, y, chest, edge)
+    clothing = _Clothing.draw(chest, habitus)
+    outline_sd = chest.body_sd(x, y)
+    outline_angle = np.arctan2(y - chest.body_y, x)
+    # Lung density differs between patients and inspirations, and the dependent (posterior)
+    # lung is denser in a supine patient: LIDC-IDRI-0314 has a median of -896 HU in its front
+    # third and -834 HU in its back third.
+    lung_level = _LUNG_HU + float(habitus.uniform(-45.0, 10.0))
+    gravity_hu = float(habitus.uniform(25.0, 70.0))
     shoulder_z = chest.lung_base_z + 0.55 * chest.lung_height
     depth = chest.cavity_b * 2.0
     slab = 16
@@ -553,6 +573,7 @@ def _render_anatomy(grid: _Grid, chest: _Chest, rng: np.random.Generator) -> tup
         z = grid.axis_mm(0, z0, z1)[:, None, None]
         out = hu[z0:z1]
         out[:] = wall
+        clothing.render(out, outline_sd, outline_angle, y, z, edge)
         cavity = chest.cavity_sd(x, y, z)
         _blend(out, _FAT_HU + 10.0, _fraction(cavity, edge))
         # Liver and upper abdomen below the diaphragm, the neck's soft tissue above the lungs.
@@ -574,10 +595,81 @@ def _render_anatomy(grid: _Grid, chest: _Chest, rng: np.random.Generator) -> tup
         right, left = chest.lung_sd(x, y, z)
         lung_sd = np.minimum(right, left)
         lungs[z0:z1] = lung_sd < 0
-        # Dependent (posterior) lung is denser, as in a supine patient.
-        gravity = 45.0 * np.clip((y - chest.cavity_y + chest.cavity_b) / depth, 0.0, 1.0) - 20.0
-        _blend(out, _LUNG_HU + gravity + texture[z0:z1], _fraction(lung_sd, edge))
+        gravity = gravity_hu * (np.clip((y - chest.cavity_y + chest.cavity_b) / depth, 0.0, 1.0) - 0.5)
+        _blend(out, lung_level + gravity + texture[z0:z1], _fraction(lung_sd, edge))
     return hu, lungs
+
+
+@dataclass(frozen=True)
+class _Clothing:
+    """Gown and blanket: thin folded sheets over the front and sides of the body.
+
+    Real scans show them as bright lines a few millimetres outside the skin, enclosing air
+    pockets that look like a lumen in its wall (LIDC-IDRI-0314 has several); a phantom
+    without them teaches a network that every walled pocket of air is airway.
+    """
+
+    offsets_mm: tuple[float, ...]  # mean distance of each sheet from the skin
+    thickness_mm: tuple[float, ...]
+    fold_mm: tuple[float, ...]  # amplitude of the folds
+    folds: tuple[int, ...]  # folds round the body
+    phase: tuple[float, ...]
+    twist_per_mm: tuple[float, ...]  # how fast the folds turn along z
+    hu: tuple[float, ...]
+
+    @staticmethod
+    def draw(chest: _Chest, habitus: np.random.Generator) -> "_Clothing":
+        layers = int(habitus.integers(0, 4))
+        s = max(chest.scale, 0.5)
+
+        def draw(low: float, high: float) -> tuple[float, ...]:
+            return tuple(float(v) for v in habitus.uniform(low, high, layers))
+
+        return _Clothing(
+            offsets_mm=draw(2.0 * s, 24.0 * s),
+            thickness_mm=draw(0.4, 1.4),
+            fold_mm=draw(1.0 * s, 8.0 * s),
+            folds=tuple(int(v) for v in habitus.integers(3, 12, layers)),
+            phase=draw(0.0, 2.0 * np.pi),
+            twist_per_mm=draw(-0.03, 0.03),
+            hu=draw(-350.0, -50.0),
+        )
+
+    def render(self, out: np.ndarray, outline_sd: np.ndarray, angle: np.ndarray, y: np.ndarray, z: np.ndarray,
+               edge: float) -> None:
+        """Blend the sheets into a slab; they cover the front and the sides down to mid-depth."""
+        front = np.sin(angle) < 0.7  # y is posterior: the front, the sides and a little behind them
+        for offset, thickness, fold, folds, phase, twist, hu in zip(
+            self.offsets_mm, self.thickness_mm, self.fold_mm, self.folds, self.phase, self.twist_per_mm, self.hu
+        ):
+            distance = offset + fold * np.sin(folds * angle + phase + twist * z)
+            sheet = np.abs(outline_sd - distance) - thickness / 2.0
+            _blend(out, hu, _fraction(sheet, edge) * front * (outline_sd > 0))
+
+
+def _render_emphysema(hu: np.ndarray, grid: _Grid, chest: _Chest, habitus: np.random.Generator,
+                      extent_xyz: np.ndarray) -> None:
+    """Centrilobular emphysema in about half of the phantoms: small wall-less holes in the lungs.
+
+    Holes of 2-8 mm at -990 to -940 HU have an airway's calibre and darkness but no wall;
+    they teach the network that darkness alone is not airway (dark, hyperinflated lungs are
+    where a phantom-trained network first fails on real scans).
+    """
+    if habitus.uniform() < 0.5:
+        return
+    wanted = int(habitus.integers(20, 150))
+    scale = max(chest.scale, 0.6)
+    placed = 0
+    for _ in range(20 * wanted):
+        if placed == wanted:
+            break
+        radius = float(habitus.uniform(1.0, 4.0)) * scale
+        centre = habitus.uniform(-extent_xyz / 2.0, extent_xyz / 2.0)
+        right, left = chest.lung_sd(*centre)
+        if min(float(right), float(left)) > -(radius + 2.0):
+            continue
+        _blend_tube(hu, grid, centre, centre + 1e-3, radius, radius, float(habitus.uniform(-990.0, -940.0)))
+        placed += 1
 
 
 def _scapulae(x: np.ndarray, y: np.ndarray, chest: _Chest, edge: float) -> np.ndarray:
@@ -880,9 +972,11 @@ def _build_trees(chest: _Chest, extent_xyz: np.ndarray, airway_limits: _GrowthLi
         return np.minimum(right, left) < -margin
 
     carina = np.asarray(chest.carina_xyz)
-    top = np.array([carina[0], carina[1] + 6.0 * s, extent_xyz[2] / 2.0 - 0.5])
+    # A wide trachea leans forwards at its top, as real ones do, to clear the oesophagus.
+    widening = (chest.trachea_lumen_d - chest.trachea_d) / 2.0
+    top = np.array([carina[0], carina[1] + 6.0 * s - widening, extent_xyz[2] / 2.0 - 0.5])
     coronal = np.array([0.0, 1.0, 0.0])
-    tubes = [_Tube(top, carina.copy(), chest.trachea_d, 0, None, coronal)]
+    tubes = [_Tube(top, carina.copy(), chest.trachea_lumen_d, 0, None, coronal)]
     # Main bronchi: the right one shorter, steeper and wider (it carries the larger lung).
     # Their lengths keep the adult proportion to the trachea's calibre (which shrinks less
     # than the chest), so that each stays longer than the junctions at its two ends.
@@ -1199,18 +1293,22 @@ def generate_phantom(
             progress(fraction, message)
 
     rng = np.random.default_rng(int(seed))
+    # Patient habitus and surroundings (trachea width, lung density, emphysema, clothing) draw
+    # from a stream of their own, so they leave the anatomy and the trees of a seed as they were.
+    habitus = np.random.default_rng([int(seed), 1])
     extent = np.asarray(shape[::-1], dtype=float) * spacing[::-1]  # x, y, z
     origin_zyx = -(np.asarray(shape, dtype=float) - 1.0) / 2.0 * spacing
     grid = _Grid(shape, spacing, origin_zyx)
     geometry = Geometry(tuple(spacing[::-1]), tuple(origin_zyx[::-1]))
 
     report(0.0, "laying out the chest")
-    chest = _Chest.layout(extent, rng)
+    chest = _Chest.layout(extent, rng, habitus)
     report(0.05, "growing the airway and vessel trees")
     trees = _build_trees(chest, extent, *_growth_limits(spacing), rng)
     branches = _to_branches(trees.airway, grid)
     report(0.2, "rendering the body, lungs, heart and spine")
-    hu, lungs = _render_anatomy(grid, chest, rng)
+    hu, lungs = _render_anatomy(grid, chest, rng, habitus)
+    _render_emphysema(hu, grid, chest, habitus, extent)
     report(0.45, "rendering vessels, ribs and nodules")
     _render_vessels(hu, grid, chest, trees, extent)
     _render_oesophagus(hu, grid, chest, extent)
