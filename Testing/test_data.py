@@ -24,6 +24,7 @@ from AirwaySegmentationLib.preprocess import (
     InputSpec,
     crop_to_body,
     crop_volume,
+    inside_body,
     network_input,
 )
 from AirwaySegmentationLib.sampling import (
@@ -222,6 +223,52 @@ def test_crop_to_body_falls_back_to_the_body_then_the_volume():
     ct[5:15, 10:20, 8:22] = 40  # a body without lungs
     assert crop_to_body(ct, spacing, margin_mm=0) == (slice(5, 15), slice(10, 20), slice(8, 22))
     assert crop_to_body(ct, spacing, margin_mm=6.0) == (slice(3, 17), slice(8, 22), slice(6, 24))
+
+
+def test_inside_body_keeps_lungs_airway_and_clothes_pockets_apart(phantom):
+    """On a phantom (gown and blanket included for this seed): airway and lungs inside, the air around outside."""
+    inside = inside_body(phantom.ct.array_zyx, phantom.ct.spacing_zyx)
+    assert inside[phantom.airway.array_zyx > 0].all() and inside[phantom.lungs.array_zyx > 0].all()
+    outside_air = ~inside & (phantom.ct.array_zyx < -900)
+    assert outside_air.sum() > 0.2 * phantom.ct.array_zyx.size
+    assert not inside[:, 0, :].any()  # the row in front of the patient is air
+
+
+def _chest_slices(depth: int) -> np.ndarray:
+    """A body ring (wall 3 voxels) with two lungs and a trachea, surrounded by air, at 1 mm."""
+    ct = np.full((depth, 40, 60), -1000, dtype=np.int16)
+    ct[:, 8:32, 6:54] = 40
+    ct[:, 11:29, 9:27] = -850  # right lung
+    ct[:, 11:29, 33:51] = -850  # left lung
+    ct[:, 14:18, 28:32] = -1000  # trachea
+    return ct
+
+
+def test_inside_body_drops_a_walled_pocket_of_air_outside_the_skin():
+    ct = _chest_slices(6)
+    ct[:, 2:6, 20:40] = 30  # a fold of blanket, 4 mm thick: a thick wall round a pocket
+    ct[:, 3:5, 22:38] = -1000
+    ct[:, 1, 10:50] = -200  # and a thin gown sheet in front of it
+    inside = inside_body(ct, (1.0, 1.0, 1.0))
+    assert inside[:, 14:18, 28:32].all() and inside[:, 11:29, 9:27].all()
+    assert not inside[:, 3:5, 22:38].any()  # the pocket is not part of the largest tissue
+    assert not inside[:, 0, :].any() and not inside[:, 35:, :].any()
+
+
+def test_inside_body_reads_cut_slices_through_the_air_of_whole_ones():
+    """Shoulders reaching the image edge: outside is the air joined to the air outside lower down."""
+    ct = _chest_slices(14)
+    ct[4:, 8:32, :] = 40  # upper slices: the body touches both sides of the image
+    ct[8:, 11:29, 0:27] = -850  # and the right lung is cut by the field of view, above 4 mm of tissue
+    ct[8:, 14:18, 28:32] = -1000
+    inside = inside_body(ct, (1.0, 1.0, 1.0))
+    assert inside[8:, 11:29, 0:27].all()  # the cut lung stays in
+    assert inside[8:, 14:18, 28:32].all()
+    assert not inside[4:, 0:6, :].any()  # the air in front of the shoulders is still outside
+    everywhere_cut = np.full((4, 20, 20), 40, dtype=np.int16)
+    everywhere_cut[:, 5:15, 0:10] = -900
+    assert inside_body(everywhere_cut, (1.0, 1.0, 1.0)).all()
+    assert inside_body(np.full((4, 20, 20), -1000, dtype=np.int16), (1.0, 1.0, 1.0)).all()
 
 
 def test_crop_volume_keeps_physical_positions(phantom):

@@ -12,7 +12,8 @@ The synthetic CT (40 x 56 x 56 voxels) is a 40 HU body in an air surround; insid
 "lung" of -450 HU (air for the lung finder, which takes < -400 HU, but tissue for
 :class:`AirBelow`, which takes < -475 HU), and in the lung a -1000 HU tube (the trachea)
 with one enclosed tissue voxel, a small separate air blob, and an air cube that touches the
-tube only along an edge (joined 26-connected, separate 6-connected).
+tube only along an edge (joined 26-connected, separate 6-connected).  One test adds a
+walled pocket of air in front of the chest, which the body outline must keep out.
 """
 
 from __future__ import annotations
@@ -190,6 +191,22 @@ def test_all_components_keeps_the_separate_blob() -> None:
     expected = expected_airway(ct, result.crop_box, largest=False)
     assert expected[BLOB].all()
     np.testing.assert_array_equal(result.labels.array_zyx, expected.astype(np.uint8))
+
+
+def test_air_walled_outside_the_body_is_never_airway() -> None:
+    """A fold of blanket in front of the chest walls a pocket of air inside the crop; it stays out."""
+    ct = synthetic_ct()
+    ct[:, 8:16] = -1000  # a thinner front wall, so the pocket lies in the crop
+    pocket = (slice(None), slice(12, 14), slice(22, 34))
+    ct[:, 11:15, 20:36] = 40
+    ct[pocket] = -1000
+    result = segment_ct(ct, GEOMETRY, pointwise_model(), keep_largest_component=False)
+    in_crop = np.zeros(ct.shape, dtype=bool)
+    in_crop[result.crop_box] = True
+    assert in_crop[pocket].sum() > 100  # the network saw the pocket
+    labels = result.labels.array_zyx
+    assert not labels[pocket].any()
+    np.testing.assert_array_equal(labels[TUBE], expected_airway(ct, result.crop_box, largest=False)[TUBE])
 
 
 def test_connectivity_6_drops_the_edge_touching_cube(pointwise_default) -> None:

@@ -9,8 +9,10 @@ Steps, each timed (``SegmentationResult.timings_s``):
 1. ``crop``: the box of the lungs and airway (:func:`~AirwaySegmentationLib.preprocess.crop_to_body`);
 2. ``input``: the model card's input channels, padded to the tiling;
 3. ``network``: the sliding-window engine (:class:`~AirwaySegmentationLib.infer.SlidingWindow`);
-4. ``postprocess``: airway union thresholded (0.5), largest component (26-connected by
-   default), holes filled (METHODS section 5); every airway voxel takes its most likely
+4. ``postprocess``: airway union thresholded (0.5), airway outside the body's outline
+   removed (:func:`~AirwaySegmentationLib.preprocess.inside_body`: air pockets in clothing
+   look like a lumen), largest component (26-connected by default), holes filled (METHODS
+   section 5); every airway voxel takes its most likely
    airway class, so filled voxels get a class too;
 5. the labels are put back into the full grid (zero outside the crop).
 
@@ -49,7 +51,7 @@ from .infer import (
 )
 from .inference_settings import InferenceSettings
 from .models import load_model
-from .preprocess import InputSpec, crop_to_body
+from .preprocess import InputSpec, crop_to_body, inside_body
 from .progress import ProgressCallback, report, sub_progress
 from .volume import Geometry, Volume, atomic_outputs, check_ct, read_ct, to_sitk
 
@@ -255,6 +257,7 @@ def _segment_checked(
     start = time.perf_counter()
     report(progress, 0.92, "Keeping the airway tree and filling its holes")
     airway, airway_class = sums.classes(threshold)
+    airway &= inside_body(ct.array_zyx, ct.spacing_zyx)[box]
     if keep_largest_component:
         airway = largest_component(airway, connectivity)
     airway = fill_holes(airway)
