@@ -107,6 +107,16 @@ def test_example_configs_load(path: Path) -> None:
     assert config.data.phantoms.validation > 0 and config.sampling.patch_size_zyx == expected
 
 
+def test_the_bundled_stage1_model_names_a_committed_init_with_its_checksum() -> None:
+    """Round 2 fine-tunes round 1: the card's command must be reproducible from the repository."""
+    card = json.loads((ROOT / "Resources" / "Models" / "wingsnet_phantom.json").read_text())
+    init = card["init"]
+    assert f"--init {init['file']}" in card["training"]["command"]
+    _, init_card = load_model(ROOT / init["file"])  # refuses a file whose SHA-256 differs from its card
+    assert init_card["sha256"] == init["sha256"]
+    assert init_card["architecture"] == card["architecture"]
+
+
 def test_config_round_trips_through_toml(tmp_path) -> None:
     config = load_config(write_toml(TINY, tmp_path / "tiny.toml"))
     assert config == config_from_dict(TINY)
