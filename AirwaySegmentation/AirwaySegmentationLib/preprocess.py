@@ -33,7 +33,7 @@ import cc3d
 import numpy as np
 from scipy import ndimage
 
-from .arrays import Box, as_spacing_zyx, bounding_box, grow_box
+from .arrays import Box, as_spacing_zyx, bounding_box, grow_box, largest_component_and_count
 from .errors import AirwayInputError
 from .volume import Geometry, Volume
 
@@ -174,6 +174,13 @@ def network_input(hu_zyx: np.ndarray, spec: InputSpec = DEFAULT_INPUT_SPEC) -> n
     return channels
 
 
+def _as_ct(ct_zyx: np.ndarray) -> np.ndarray:
+    ct = np.asarray(ct_zyx)
+    if ct.ndim != 3:
+        raise AirwayInputError(f"Expected a 3-D CT but got an array with {ct.ndim} dimensions; give one 3-D volume.")
+    return ct
+
+
 def crop_to_body(ct_zyx: np.ndarray, spacing_zyx: Sequence[float], margin_mm: float = 10.0) -> Box:
     """Bounding box of the lungs and airway in a chest CT, grown by a margin.
 
@@ -205,9 +212,7 @@ def crop_to_body(ct_zyx: np.ndarray, spacing_zyx: Sequence[float], margin_mm: fl
     tuple of 3 slice
         The box, ``ct_zyx[box]`` is the crop.
     """
-    ct = np.asarray(ct_zyx)
-    if ct.ndim != 3:
-        raise AirwayInputError(f"Expected a 3-D CT but got an array with {ct.ndim} dimensions; give one 3-D volume.")
+    ct = _as_ct(ct_zyx)
     spacing = np.asarray(as_spacing_zyx(spacing_zyx))
     if not (isinstance(margin_mm, numbers.Real) and math.isfinite(margin_mm) and margin_mm >= 0):
         raise AirwayInputError(f"The crop margin {margin_mm} mm is not usable; expected a non-negative size.")
@@ -215,12 +220,10 @@ def crop_to_body(ct_zyx: np.ndarray, spacing_zyx: Sequence[float], margin_mm: fl
     air = ct[:: stride[0], :: stride[1], :: stride[2]] < AIR_THRESHOLD_HU
     full_box = tuple(slice(0, n) for n in ct.shape)
 
-    body_components, n_body = cc3d.connected_components(~air, connectivity=6, return_N=True)
+    body, n_body = largest_component_and_count(~air, 6)
     if n_body == 0:
         return full_box
-    body_sizes = np.bincount(body_components.ravel())
-    body_sizes[0] = 0
-    body = ndimage.binary_fill_holes(body_components == np.argmax(body_sizes), structure=_IN_PLANE)
+    body = ndimage.binary_fill_holes(body, structure=_IN_PLANE)
 
     inner_air = cc3d.connected_components(air & body, connectivity=6)
     air_sizes = np.bincount(inner_air.ravel())
@@ -276,9 +279,7 @@ def inside_body(ct_zyx: np.ndarray, spacing_zyx: Sequence[float]) -> np.ndarray:
     >>> bool(mask[1, 20, 20]), bool(mask[1, 2, 2])  # the lumen inside, the air around outside
     (True, False)
     """
-    ct = np.asarray(ct_zyx)
-    if ct.ndim != 3:
-        raise AirwayInputError(f"Expected a 3-D CT but got an array with {ct.ndim} dimensions; give one 3-D volume.")
+    ct = _as_ct(ct_zyx)
     factor = np.maximum(np.rint(_BODY_SPACING_MM / np.asarray(as_spacing_zyx(spacing_zyx))).astype(int), 1)
     coarse_shape = -(-np.asarray(ct.shape) // factor)
     padded = np.pad(ct, [(0, int(c * f - n)) for c, f, n in zip(coarse_shape, factor, ct.shape)], mode="edge")
@@ -287,12 +288,9 @@ def inside_body(ct_zyx: np.ndarray, spacing_zyx: Sequence[float]) -> np.ndarray:
         block_sum += padded[offset[0]:: factor[0], offset[1]:: factor[1], offset[2]:: factor[2]]
     del padded
     tissue = block_sum > AIR_THRESHOLD_HU * float(np.prod(factor))
-    components, count = cc3d.connected_components(tissue, connectivity=6, return_N=True)
+    body, count = largest_component_and_count(tissue, 6)
     if count == 0:
         return np.ones(ct.shape, dtype=bool)
-    sizes = np.bincount(components.ravel())
-    sizes[0] = 0
-    body = components == np.argmax(sizes)
     inside = ndimage.binary_fill_holes(body, structure=_IN_PLANE)
     cut = body[:, [0, -1], :].any(axis=(1, 2)) | body[:, :, [0, -1]].any(axis=(1, 2))
     if cut.any():
