@@ -17,6 +17,7 @@ import pytest
 import torch
 from AirwaySegmentationLib import volume
 from AirwaySegmentationLib.cli import EXIT_BAD_INPUT, EXIT_INTERRUPTED, main
+from AirwaySegmentationLib.data import phantom_seeds, phantom_training_volume
 from AirwaySegmentationLib.errors import AirwayInputError
 from AirwaySegmentationLib.infer import (
     cpu_has_native_bfloat16,
@@ -30,8 +31,10 @@ from AirwaySegmentationLib.models import (
     sha256_of_file,
 )
 from AirwaySegmentationLib.networks import SegmentationOutput, build_network
+from AirwaySegmentationLib.preprocess import DEFAULT_INPUT_SPEC
 from AirwaySegmentationLib.progress import Cancelled
-from AirwaySegmentationLib.train import TrainingLoss, train
+from AirwaySegmentationLib.train import Runtime, SegmentationTask, TrainingLoss, train
+from AirwaySegmentationLib.tree import parse_airway_tree
 from AirwaySegmentationLib.train_config import (
     LossConfig,
     ScheduleConfig,
@@ -115,6 +118,27 @@ def test_the_bundled_stage1_model_names_a_committed_init_with_its_checksum() -> 
     _, init_card = load_model(ROOT / init["file"])  # refuses a file whose SHA-256 differs from its card
     assert init_card["sha256"] == init["sha256"]
     assert init_card["architecture"] == card["architecture"]
+
+
+class EverythingIsAirway(torch.nn.Module):
+    """Class 1 everywhere: the degenerate network an untrained model can start as."""
+
+    def forward(self, x: torch.Tensor) -> SegmentationOutput:
+        logits = torch.zeros(x.shape[0], 4, *x.shape[2:], dtype=x.dtype, device=x.device)
+        logits[:, 1] = 10.0
+        return SegmentationOutput(main=logits)
+
+
+def test_a_network_labelling_everything_airway_is_never_the_best_model() -> None:
+    config = config_from_dict(TINY)
+    task = SegmentationTask()
+    volume = phantom_training_volume(phantom_seeds("validation", 1)[0], "standard", (48, 64, 64), (2.5, 2.0, 2.0))
+    task.validation_volumes = [volume]
+    task.trees = [parse_airway_tree(volume.labels3 > 0, volume.spacing_zyx, connectivity=6)]
+    metrics = task.validate(EverythingIsAirway(), config, DEFAULT_INPUT_SPEC, Runtime(torch.device("cpu"), torch.float32))
+    assert metrics["td"] > 99.0 and metrics["precision"] < 10.0
+    assert metrics["atm22_score"] > 45.0  # the mean of TD, BD, DSC and precision rewards it
+    assert metrics["score"] == 0.0
 
 
 def test_config_round_trips_through_toml(tmp_path) -> None:
@@ -238,7 +262,7 @@ def test_tiny_run_writes_checkpoint_log_and_best_model(tiny_run) -> None:
     card = json.loads((out / "best.json").read_text())
     assert card["sha256"] == sha256_of_file(out / "best.safetensors")
     assert card["architecture"] == {"name": "wingsnet", "kwargs": {"base_width": 2}}
-    assert card["validation"]["atm22_score"] == pytest.approx(result.best_score)
+    assert card["validation"]["score"] == pytest.approx(result.best_score)
     assert "2 training / 1 validation phantoms" in card["training"]["data"]
     model, _ = load_model(out / "best.safetensors")
     assert sum(p.numel() for p in model.parameters()) == card["parameter_count"]

@@ -24,8 +24,9 @@ Outputs in ``out_dir``:
   losses, validation metrics, learning rate, seconds), written after ``last.pt`` for people
   and tools; a resume never reads them.  TensorBoard event files too when ``tensorboard``
   is installed.
-- ``best.safetensors`` + ``best.json``: the model with the best validation score (the mean
-  ATM'22 score of the validation volumes for stage 1) and its model card (:func:`~AirwaySegmentationLib.models.export_model`).
+- ``best.safetensors`` + ``best.json``: the model with the best validation score (for stage
+  1 the mean ATM'22 score of the validation volumes, 0 when their mean precision is under
+  50%) and its model card (:func:`~AirwaySegmentationLib.models.export_model`).
 
 Resume: :func:`train` continues from ``last.pt`` after a kill, from the start of the epoch
 after the last one saved.  Every random source (patches, augmentation, dropout, the loss's
@@ -107,6 +108,8 @@ from .tree import parse_airway_tree
 from .volume import atomic_output, atomic_outputs
 
 CHECKPOINT_VERSION = 2
+#: Mean validation precision (percent) below which a stage-1 model is never the best one.
+MIN_SELECTION_PRECISION = 50.0
 #: Columns of ``log.csv`` before the task's validation metrics (:attr:`TrainingTask.metric_names`).
 LOG_COLUMNS = ("epoch", "iteration", "phase", "loss", "loss_main", "loss_aux", "loss_distillation")
 #: Columns of ``log.csv`` after them.
@@ -358,12 +361,13 @@ class SegmentationTask(TrainingTask):
 
     Data: :func:`load_training_volumes`; patches: :class:`~AirwaySegmentationLib.sampling.PatchDataset`
     (random, hard-mining and small-airway crops); validation: sliding-window prediction of the
-    validation volumes, mean TD, BD, DSC, precision and ATM'22 score (percent); hard mining:
+    validation volumes, mean TD, BD, DSC, precision and ATM'22 score (percent), and the
+    selection ``score`` (the ATM'22 score, 0 below :data:`MIN_SELECTION_PRECISION`); hard mining:
     ``label & ~prediction`` of every training volume.
     """
 
-    metric_names = ("td", "bd", "dsc", "precision", "atm22_score")
-    score_name = "atm22_score"
+    metric_names = ("td", "bd", "dsc", "precision", "atm22_score", "score")
+    score_name = "score"
     output_description = "logits (N, 4, D, H, W): background, trachea + main bronchi, lobar to segmental, smaller"
 
     def __init__(self) -> None:
@@ -399,7 +403,13 @@ class SegmentationTask(TrainingTask):
                 gt_classes_zyx=volume.labels3, gt_tree=tree, pred_classes_zyx=classes,
             )
             scores.append([metrics.td, metrics.bd, metrics.dsc, metrics.precision, metrics.atm22_score])
-        return dict(zip(self.metric_names, np.mean(scores, axis=0).tolist()))
+        means = dict(zip(self.metric_names, np.mean(scores, axis=0).tolist()))
+        # The best model is picked by the ATM'22 score, except that a network whose predicted
+        # tree lies mostly outside the reference (precision under MIN_SELECTION_PRECISION) is
+        # never picked: labelling every voxel airway gives TD = BD = 100 and scores about 52,
+        # more than a half-trained real model (seen in an FR/AD run, whose first epoch won).
+        usable = means["precision"] >= MIN_SELECTION_PRECISION
+        return means | {"score": means["atm22_score"] if usable else 0.0}
 
     def mine(self, model: nn.Module, config: TrainConfig, spec: InputSpec, runtime: Runtime) -> list[np.ndarray]:
         """Hard-mining masks ``label & ~prediction`` of every training volume, shared by all ranks.
