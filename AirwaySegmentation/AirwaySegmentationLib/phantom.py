@@ -7,11 +7,12 @@ The phantom is built from analytic geometry and then imaged like a CT scanner wo
    (ribs and sternum), the spine (vertebral bodies, discs, posterior arches, spinal
    canal), the mediastinum, the heart with epicardial fat, the aorta and the superior vena
    cava, the oesophagus (with some swallowed air), the liver under the diaphragm, two lungs
-   with a parenchymal texture, and the patient table.  Drawn from a stream of their own
-   (so a seed's anatomy and trees do not depend on them): the lungs' density (-905 to
-   -850 HU) and its front-to-back gradient (25-70 HU), centrilobular emphysema in about
-   half of the phantoms, a gown or blanket of 0-3 folded sheets outside the skin, and the
-   trachea's own calibre (below).  The anatomy is scaled to the field
+   with a parenchymal texture, and the patient table.  Drawn from a random stream of their
+   own (so the chest's layout does not depend on them): the lungs' density (-905 to -850
+   HU) and its front-to-back gradient (25-70 HU), centrilobular emphysema in about half of
+   the phantoms, a gown or blanket of 0-3 folded sheets outside the skin, and the
+   trachea's own calibre (below; every branch keeps its clearance from the trachea too,
+   so the tree of a seed changed with it).  The anatomy is scaled to the field
    of view (an adult chest at about 400 mm in plane), so a small grid holds a small chest
    rather than a cut-off one; airway calibres (and the main bronchi's lengths) scale with
    the square root of that factor (a child's airways are relatively wide), which keeps 10
@@ -651,7 +652,8 @@ def _render_emphysema(hu: np.ndarray, grid: _Grid, chest: _Chest, habitus: np.ra
                       extent_xyz: np.ndarray) -> None:
     """Centrilobular emphysema in about half of the phantoms: small wall-less holes in the lungs.
 
-    Holes of 2-8 mm at -990 to -940 HU have an airway's calibre and darkness but no wall;
+    Holes of 2-8 mm in an adult chest (scaled with a smaller one, to no less than 0.6 times)
+    at -990 to -940 HU have an airway's calibre and darkness but no wall;
     they teach the network that darkness alone is not airway (dark, hyperinflated lungs are
     where a phantom-trained network first fails on real scans).
     """
@@ -1294,7 +1296,7 @@ def generate_phantom(
 
     rng = np.random.default_rng(int(seed))
     # Patient habitus and surroundings (trachea width, lung density, emphysema, clothing) draw
-    # from a stream of their own, so they leave the anatomy and the trees of a seed as they were.
+    # from a stream of their own, so they leave the chest's layout as it was.
     habitus = np.random.default_rng([int(seed), 1])
     extent = np.asarray(shape[::-1], dtype=float) * spacing[::-1]  # x, y, z
     origin_zyx = -(np.asarray(shape, dtype=float) - 1.0) / 2.0 * spacing
