@@ -52,10 +52,10 @@ The phantom is built from analytic geometry and then imaged like a CT scanner wo
      so its heading is limited to 80 degrees.
 
    With these limits the parse of ``airway`` recovers most of tree.json: at 256^3 / 0.8 mm
-   (seeds 0-3) tree.json holds 10-11 generations and 174-190 end branches, the parse
-   10-11 generations and 159-171 end branches, 78-91% of tree.json's branch count, the
+   (seeds 0-3) tree.json holds 10-11 generations and 170-190 end branches, the parse
+   10-11 generations and 153-172 end branches, 73-90% of tree.json's branch count, the
    same with 6- and 26-connectivity, and class Dice between the parse and ``airway3`` of
-   >= 0.99 (class 1) and >= 0.86 (classes 2 and 3).  What the parse misses comes from a
+   >= 0.99 (class 1) and >= 0.76 (classes 2 and 3).  What the parse misses comes from a
    few deep junctions where a branch's region touches one two generations up; the parser
    then fuses parents up that lineage, which shifts the generations (and so the classes)
    below.  See ``benchmarks/phantom_realism.py``.  The limits count in voxels, so a
