@@ -59,7 +59,7 @@ The phantom is built from analytic geometry and then imaged like a CT scanner wo
    few deep junctions where a branch's region touches one two generations up; the parser
    then fuses parents up that lineage, which shifts the generations (and so the classes)
    below.  See ``benchmarks/phantom_realism.py``.  The limits count in voxels, so a
-   coarser grid holds fewer generations (1.25 mm slices at 256^3: 64-99 parsed end
+   coarser grid holds fewer generations (1.25 mm slices at 256^3: 68-102 parsed end
    branches, seeds 0-3).  The vessel trees are image content only: they may cross each
    other and the bronchi (the airway's lumen and wall are rendered over them) and grow
    down to about one voxel.
