@@ -560,6 +560,7 @@ def _render_anatomy(grid: _Grid, chest: _Chest, rng: np.random.Generator,
     clothing = _Clothing.draw(chest, habitus)
     outline_sd = chest.body_sd(x, y)
     outline_angle = np.arctan2(y - chest.body_y, x)
+    clothing_cover = _Clothing.coverage(outline_sd, outline_angle)
     # Lung density differs between patients and inspirations, and the dependent (posterior)
     # lung is denser in a supine patient: LIDC-IDRI-0314 has a median of -896 HU in its front
     # third and -834 HU in its back third.
@@ -574,7 +575,7 @@ def _render_anatomy(grid: _Grid, chest: _Chest, rng: np.random.Generator,
         z = grid.axis_mm(0, z0, z1)[:, None, None]
         out = hu[z0:z1]
         out[:] = wall
-        clothing.render(out, outline_sd, outline_angle, y, z, edge)
+        clothing.render(out, outline_sd, outline_angle, clothing_cover, z, edge)
         cavity = chest.cavity_sd(x, y, z)
         _blend(out, _FAT_HU + 10.0, _fraction(cavity, edge))
         # Liver and upper abdomen below the diaphragm, the neck's soft tissue above the lungs.
@@ -636,16 +637,20 @@ class _Clothing:
             hu=draw(-350.0, -50.0),
         )
 
-    def render(self, out: np.ndarray, outline_sd: np.ndarray, angle: np.ndarray, y: np.ndarray, z: np.ndarray,
+    @staticmethod
+    def coverage(outline_sd: np.ndarray, angle: np.ndarray) -> np.ndarray:
+        """Where sheets may lie (in plane): outside the skin, over the front, the sides and a little behind them."""
+        return (np.sin(angle) < 0.7) & (outline_sd > 0)  # y is posterior: sin(angle) < 0 in front
+
+    def render(self, out: np.ndarray, outline_sd: np.ndarray, angle: np.ndarray, cover: np.ndarray, z: np.ndarray,
                edge: float) -> None:
-        """Blend the sheets into a slab; they cover the front and the sides down to mid-depth."""
-        front = np.sin(angle) < 0.7  # y is posterior: the front, the sides and a little behind them
+        """Blend the sheets into a slab, inside ``cover`` (:meth:`coverage`)."""
         for offset, thickness, fold, folds, phase, twist, hu in zip(
             self.offsets_mm, self.thickness_mm, self.fold_mm, self.folds, self.phase, self.twist_per_mm, self.hu
         ):
             distance = offset + fold * np.sin(folds * angle + phase + twist * z)
             sheet = np.abs(outline_sd - distance) - thickness / 2.0
-            _blend(out, hu, _fraction(sheet, edge) * front * (outline_sd > 0))
+            _blend(out, hu, _fraction(sheet, edge) * cover)
 
 
 def _render_emphysema(hu: np.ndarray, grid: _Grid, chest: _Chest, habitus: np.random.Generator,
