@@ -19,6 +19,7 @@ from AirwayRefineLib.connect_training import (
     ConnectionTask,
     lumen_oracle,
     reconnection_metrics,
+    simulated_examples,
 )
 from AirwayRefineLib.refine import REFINE_FILES, merge_selected, refine_ct, refine_file
 from AirwaySegmentationLib.catalogue import catalogue, default_model_name
@@ -72,6 +73,29 @@ def test_a_gap_in_a_lumen_is_bridged_and_a_false_positive_is_not():
     assert (merged[gap & (x <= 29)] == 2).all() and (merged[gap & (x >= 32)] == 3).all()
     assert not merged[(labels == 3) & (y > 20)].any()  # the false-positive ball is gone
     assert (labels[gap] == 0).all()  # the input is not modified
+
+
+def test_every_gap_of_a_long_crowded_blob_gets_a_patch():
+    # A tube cut into 3-voxel pieces by 2-voxel gaps: one blob 111 voxels long, whose centre's
+    # 32^3 patch sees only its middle gaps.  Each piece's nearest gap gets a patch of its own.
+    shape = (32, 32, 128)
+    z, y, x = np.indices(shape)
+    lumen = ((z - 16) ** 2 + (y - 16) ** 2 <= 4) & (x >= 8) & (x < 119)
+    ct = np.where(lumen, -1000, -850).astype(np.int16)
+    labels = (lumen & ((x - 8) % 5 < 3)).astype(np.uint8)
+    assert len(find_attention_blobs(breakage_attention(labels > 0, (1.0, 1.0, 1.0)))) == 1
+    prediction = find_breaks(ct, labels, (1.0, 1.0, 1.0), oracle(), FLOAT32)
+    assert prediction.components_before == 23
+    blob_centre = prediction.breaks[0].point_zyx
+    assert len(prediction.breaks) > 1
+    merged = merge_breaks(labels, prediction, (1.0, 1.0, 1.0), keep_largest_component=False)
+    assert cc3d.connected_components(merged > 0, connectivity=26, return_N=True)[1] == 1
+    assert np.array_equal(merged > 0, lumen)
+    # The extra patches share the blob: each break's gap point lies in its own part, so no
+    # two breaks report the same point, and every gap is near some break's point.
+    points = [b.point_zyx for b in prediction.breaks]
+    assert len(set(points)) == len(points) and blob_centre in points
+    assert all(min(abs(p[2] - gap_x) for p in points) <= 8 for gap_x in range(11, 119, 5))
 
 
 def test_merging_a_chosen_subset_and_refusing_impossible_choices():
@@ -247,6 +271,17 @@ def test_training_patches_are_the_target_around_a_blob(phantom):
     again = ConnectionPatches([volume], [tree], [None], config, CONNECTION_INPUT_SPEC, seed=1)
     again.set_epoch(0)
     assert all(torch.equal(a["image"], b["image"]) for a, b in zip(items, again))
+
+
+def test_break_centres_add_a_patch_centre_at_every_simulated_break(phantom):
+    volume, tree = phantom
+    plain = connection_config().connection
+    centred = connection_config(connection={"break_centres": True}).connection
+    examples, simulation = simulated_examples(volume, tree, np.random.default_rng(3), plain)
+    more, again = simulated_examples(volume, tree, np.random.default_rng(3), centred)
+    assert len(simulation.breaks) >= 2 and np.array_equal(again.target_zyx, simulation.target_zyx)
+    assert [b.centre_zyx for b in more.blobs] == [b.centre_zyx for b in examples.blobs] + [b.centre_zyx for b in simulation.breaks]
+    assert all(simulation.target_zyx[b.centre_zyx] for b in simulation.breaks)  # the patch centre is in the gap
 
 
 def test_reconnection_metrics_of_a_perfect_and_a_wrong_bridge(phantom):
