@@ -8,7 +8,8 @@ the validation are here.
   (:func:`~AirwayRefineLib.breakage.simulate_breakage`, seeded by the run's seed, the epoch
   and the volume).  The breakage attention of the broken label gives the blobs; a patch is a
   64^3 crop of CT + attention at a blob's centre shifted at random by up to
-  ``connection.max_shift_zyx`` voxels, and its target is Y_B in the crop.
+  ``connection.max_shift_zyx`` voxels, and its target is Y_B in the crop.  With
+  ``connection.break_centres`` each simulated break is a centre too.
 * **Real breaks** (hard examples).  At the start, a stage-1 model predicts every training
   volume with all its components; its real breaks
   (:func:`~AirwayRefineLib.breakage.harvest_real_breaks`) are the target and the attention
@@ -96,6 +97,9 @@ def simulated_examples(
     broken = simulation.broken_zyx > 0
     attention = breakage_attention(broken, volume.spacing_zyx, alpha_mm=connection.alpha_mm)
     blobs = find_attention_blobs(attention, BLOB_THRESHOLD)
+    if connection.break_centres:
+        # One more centre per break (ConnectionConfig.break_centres); only the centre is read.
+        blobs += [AttentionBlob(simulated.centre_zyx, 0, float(attention[simulated.centre_zyx])) for simulated in simulation.breaks]
     return BreakExamples(attention.astype(np.float16), simulation.target_zyx, broken, blobs), simulation
 
 

@@ -357,6 +357,12 @@ class ConnectionConfig:
         value; a quarter of the 64^3 patch keeps the break in its central half.
     alpha_mm : float
         Breakage attention range (DeepTree: 5 mm).
+    break_centres : bool
+        Also centre patches on each simulated break (its middle skeleton voxel), drawn
+        alongside the blob centres.  A crowded periphery's breaks share one wide blob whose
+        centroid leaves a thin branch's few-voxel gap near the patch edge, where the loss
+        barely sees it; centring on every break trains those gaps as often as wide ones.
+        DeepTree names only blob centres; this is our choice (off by default).
     validation_simulations : int
         Fixed simulations per validation volume scored every epoch.
     """
@@ -367,6 +373,7 @@ class ConnectionConfig:
     break_fraction: tuple[float, float] = (0.1, 0.3)
     max_shift_zyx: tuple[int, int, int] = (16, 16, 16)
     alpha_mm: float = 5.0
+    break_centres: bool = False
     validation_simulations: int = 1
 
     def __post_init__(self) -> None:
