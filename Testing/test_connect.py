@@ -95,6 +95,11 @@ def test_every_gap_of_a_long_crowded_blob_gets_a_patch():
     # two breaks report the same point, and every gap is near some break's point.
     points = [b.point_zyx for b in prediction.breaks]
     assert len(set(points)) == len(points) and blob_centre in points
+    # Every patch sees several gaps, but each bridge belongs to one break: the one whose
+    # share of the blob holds it.  So no voxel is in two breaks.
+    bridges = [set(map(tuple, b.bridge_zyx.tolist())) for b in prediction.breaks]
+    assert sum(map(len, bridges)) == len(set().union(*bridges)) == (lumen & (labels == 0)).sum()
+    assert all(b.connected and 2 <= len(b.joined) <= 4 for b in prediction.breaks)
     assert all(min(abs(p[2] - gap_x) for p in points) <= 8 for gap_x in range(11, 119, 5))
 
 

@@ -20,13 +20,17 @@ Choices where the paper is silent (each also said where it is made):
   :data:`GAP_CLEARANCE_VOXELS` of it along every axis, it gets a patch of its own, smallest
   gaps first.  A blob with several patches is shared between them: each voxel belongs to the
   nearest of its centres (for the gap point below).
-* A blob's *bridge* is the set of predicted breakage voxels (probability > 0.5, outside the
-  stage-1 mask) whose 26-connected pieces touch at least two different stage-1 components;
-  predicted voxels that touch one component or none join nothing and are dropped.  A break
-  is *connected* when it has a bridge.
+* A *bridge* is a 26-connected piece of predicted breakage voxels (probability > 0.5, outside
+  the stage-1 mask) that touches at least two different stage-1 components; predicted voxels
+  that touch one component or none join nothing and are dropped.  A patch sees more than its
+  own gap, so a bridge belongs to the break whose share of a blob holds the bridge's voxel of
+  highest attention (to the patch that predicted it when that voxel is in no blob), and a
+  break's bridge is the union of the pieces that belong to it, whichever patch predicted
+  them: each break is one place a clinician accepts or rejects.  A break is *connected* when
+  it has a bridge.
 * *Confidence*: the mean predicted probability over the bridge's voxels; for a break without
-  a bridge, the highest probability predicted outside the mask inside its blob (how close
-  the network came to bridging it).
+  a bridge, the highest probability its patch predicted outside the mask inside its share of
+  the blob (how close the network came to bridging it).
 * *Gap point*: the blob's attention peak (its voxels nearest to a second component); where
   a gap's whole cross-section ties, the tied voxel nearest their centroid (on the axis).
 * *Gap length*: at the gap point, the distance to the nearest plus to the second-nearest
@@ -266,10 +270,27 @@ def find_breaks(
     centres_of: dict[int, list[tuple[int, int, int]]] = {}
     for blob in blobs:
         centres_of.setdefault(blob.label, []).append(blob.centre_zyx)
-    breaks = [
-        _read_break(index, blob, patch_probability, components, sizes, blobs_zyx, attention, spacing, threshold,
+    patches_of = {blob.centre_zyx: index for index, blob in enumerate(blobs)}
+    readings = [
+        _read_patch(blob, patch_probability, components, blobs_zyx, attention, spacing, threshold,
                     [centre for centre in centres_of[blob.label] if centre != blob.centre_zyx])
-        for index, (blob, patch_probability) in enumerate(zip(blobs, probability), start=1)
+        for blob, patch_probability in zip(blobs, probability)
+    ]
+    # Each bridge goes to the break whose share of a blob holds its voxel of highest attention.
+    owned: list[list[_Bridge]] = [[] for _ in blobs]
+    for index, reading in enumerate(readings):
+        for bridge in reading.bridges:
+            peak = tuple(bridge.voxels_zyx[np.argmax(attention[tuple(bridge.voxels_zyx.T)])])
+            label = int(blobs_zyx[peak])
+            if label:
+                centres = np.asarray(centres_of[label])
+                nearest = centres[np.argmin((((centres - np.asarray(peak)) * np.asarray(spacing)) ** 2).sum(axis=1))]
+                owned[patches_of[tuple(int(v) for v in nearest)]].append(bridge)
+            else:
+                owned[index].append(bridge)
+    breaks = [
+        _make_break(index, reading, bridges, sizes)
+        for index, (reading, bridges) in enumerate(zip(readings, owned), start=1)
     ]
     report(progress, 1.0, f"{sum(b.connected for b in breaks)} of {len(breaks)} breaks bridged")
     return BreakPrediction(attention, int(count), breaks)
@@ -323,19 +344,37 @@ def _gap_patches(
     return added
 
 
-def _read_break(
-    index: int,
+@dataclass
+class _Bridge:
+    """One predicted piece that joins components: its voxels (global indices), their probabilities, what it joins."""
+
+    voxels_zyx: np.ndarray
+    probability: np.ndarray
+    joined: set[int]
+
+
+@dataclass
+class _PatchReading:
+    """What one patch says of its break before the bridges go to their owners."""
+
+    point_zyx: tuple[int, int, int]
+    gap_mm: float | None
+    components: tuple[int, int]
+    best_probability: float
+    bridges: list[_Bridge]
+
+
+def _read_patch(
     blob: AttentionBlob,
     probability_zyx: np.ndarray,
     components: np.ndarray,
-    sizes: np.ndarray,
     blobs_zyx: np.ndarray,
     attention: np.ndarray,
     spacing: tuple[float, float, float],
     threshold: float,
     rival_centres_zyx: Sequence[tuple[int, int, int]] = (),
-) -> Break:
-    """One :class:`Break` from the network's probability on the patch centred on ``blob``;
+) -> _PatchReading:
+    """The gap point, gap, nearest components and predicted bridges of the patch centred on ``blob``;
     ``rival_centres_zyx``: the other patch centres of the same blob, which take their share of it."""
     size = np.asarray(probability_zyx.shape)
     start_zyx = np.asarray(blob.centre_zyx) - size // 2
@@ -365,32 +404,38 @@ def _read_break(
         gap: float | None = float(distance.min() + distance[nearest_other])
     else:  # a blob longer than its patch: the components lie beyond it
         second, gap = 0, None
-    # Bridge: predicted pieces outside the mask touching two or more components.
+    # Bridges: predicted pieces outside the mask touching two or more components.
     predicted = (probability_zyx > threshold) & (comp == 0)
     pieces, n_pieces = cc3d.connected_components(predicted, connectivity=26, return_N=True)
-    bridge = np.zeros_like(predicted)
-    joined: set[int] = set()
+    bridges = []
     if n_pieces:
-        touching = _touched_components(pieces, n_pieces, comp)
-        for piece, touched in touching.items():
-            if len(touched) >= 2:
-                bridge |= pieces == piece
-                joined |= touched
-    connected = bool(bridge.any())
-    if connected:
-        confidence = float(probability_zyx[bridge].mean())
-    else:
-        outside = in_blob & (comp == 0)
-        confidence = float(probability_zyx[outside].max()) if outside.any() else 0.0
-    local = np.argwhere(bridge)
-    global_zyx = local + start_zyx
-    inside = np.all((global_zyx >= 0) & (global_zyx < np.asarray(components.shape)), axis=1)
+        for piece, touched in _touched_components(pieces, n_pieces, comp).items():
+            if len(touched) < 2:
+                continue
+            local = np.argwhere(pieces == piece)
+            global_zyx = local + start_zyx
+            inside = np.all((global_zyx >= 0) & (global_zyx < np.asarray(components.shape)), axis=1)
+            if inside.any():
+                bridges.append(_Bridge(global_zyx[inside].astype(np.int64), probability_zyx[tuple(local[inside].T)], touched))
+    outside = in_blob & (comp == 0)
+    best = float(probability_zyx[outside].max()) if outside.any() else 0.0
     point = tuple(int(v) for v in np.asarray(peak) + start_zyx)
+    return _PatchReading(point, gap, (first, second), best, bridges)
+
+
+def _make_break(index: int, reading: _PatchReading, bridges: list[_Bridge], sizes: np.ndarray) -> Break:
+    """Break number ``index`` from its patch's reading and the bridges that belong to it (module docstring)."""
+    first, second = reading.components
+    if bridges:
+        voxels, where = np.unique(np.concatenate([b.voxels_zyx for b in bridges]), axis=0, return_index=True)
+        confidence = float(np.concatenate([b.probability for b in bridges])[where].mean())
+        joined = tuple(sorted(set().union(*(b.joined for b in bridges))))
+    else:
+        voxels, confidence, joined = np.zeros((0, 3), dtype=np.int64), reading.best_probability, ()
     return Break(
-        id=index, point_zyx=point, gap_mm=gap, components=(first, second),
+        id=index, point_zyx=reading.point_zyx, gap_mm=reading.gap_mm, components=(first, second),
         component_voxels=(int(sizes[first]) if first else 0, int(sizes[second]) if second else 0),
-        confidence=confidence, connected=connected, joined=tuple(sorted(joined)),
-        bridge_zyx=global_zyx[inside].astype(np.int64),
+        confidence=confidence, connected=bool(bridges), joined=joined, bridge_zyx=voxels,
     )
 
 
