@@ -299,10 +299,18 @@ def test_reconnection_metrics_of_a_perfect_and_a_wrong_bridge(phantom):
     prediction = BreakPrediction(attention, n, [perfect])
     metrics = reconnection_metrics(simulation, tree, prediction, volume.labels3)
     assert metrics["reconnected"] == 100.0 and metrics["false_bridges"] == 0.0 and metrics["single_component"] == 100.0
+    assert metrics["bridges_without_truth"] == 0.0
     outside = np.argwhere(volume.labels3 == 0)[:50]
     wrong = BreakPrediction(attention, n, [Break(1, (0, 0, 0), 1.0, (1, 2), (1, 1), 1.0, True, (1, 2), outside)])
     metrics = reconnection_metrics(simulation, tree, wrong, volume.labels3)
     assert metrics["reconnected"] == 0.0 and metrics["false_bridges"] == 100.0 and metrics["single_component"] == 0.0
+    assert metrics["bridges_without_truth"] == 100.0
+    # A bridge through the true gap but three times as wide: false by share, not without truth.
+    target = np.argwhere(simulation.target_zyx)
+    wide = BreakPrediction(attention, n, [Break(1, (0, 0, 0), 1.0, (1, 2), (1, 1), 1.0, True, (1, 2),
+                                                np.concatenate([target, np.argwhere(volume.labels3 == 0)[: 2 * len(target)]]))])
+    metrics = reconnection_metrics(simulation, tree, wide, volume.labels3)
+    assert metrics["false_bridges"] == 100.0 and metrics["bridges_without_truth"] == 0.0
 
 
 def test_connection_training_runs_in_the_shared_loop_and_exports_a_connection_model(tmp_path, tiny_model):

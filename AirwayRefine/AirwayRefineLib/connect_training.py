@@ -229,8 +229,10 @@ def reconnection_metrics(
     dict
         ``breaks``: simulated breaks; ``reconnected``: percent of them whose distal piece is in
         the refined tree; ``bridges``: bridges made; ``false_bridges``: percent of those with
-        less than half their voxels in the ground truth; ``single_component``: 100 when the
-        merged result (before keeping the largest component) is one component, else 0.
+        less than half their voxels in the ground truth (a bridge fatter than a thin lumen
+        counts); ``bridges_without_truth``: percent of bridges with no voxel in the ground
+        truth at all (a bridge where the ground truth has none); ``single_component``: 100
+        when the merged result (before keeping the largest component) is one component, else 0.
     """
     merged = merge_breaks(simulation.broken_zyx, prediction, tree.spacing_zyx, keep_largest_component=False)
     refined, components = largest_component_and_count(merged > 0, 26)
@@ -245,12 +247,15 @@ def reconnection_metrics(
         reconnected += bool(len(distal)) and bool(refined[tuple(distal[-1])])
     bridges = [b for b in prediction.breaks if b.connected]
     truth = ground_truth_zyx > 0
-    false = sum(truth[tuple(b.bridge_zyx.T)].mean() < TRUE_BRIDGE_SHARE for b in bridges)
+    in_truth = [truth[tuple(b.bridge_zyx.T)] for b in bridges]
+    false = sum(inside.mean() < TRUE_BRIDGE_SHARE for inside in in_truth)
+    without = sum(not inside.any() for inside in in_truth)
     return {
         "breaks": float(len(simulation.breaks)),
         "reconnected": 100.0 * reconnected / max(len(simulation.breaks), 1),
         "bridges": float(len(bridges)),
         "false_bridges": 100.0 * false / max(len(bridges), 1),
+        "bridges_without_truth": 100.0 * without / max(len(bridges), 1),
         "single_component": 100.0 * (components == 1),
     }
 
@@ -258,7 +263,7 @@ def reconnection_metrics(
 class ConnectionTask(TrainingTask):
     """Stage 2 in the shared training loop (see the module docstring)."""
 
-    metric_names = ("breaks", "reconnected", "bridges", "false_bridges", "single_component", "score")
+    metric_names = ("breaks", "reconnected", "bridges", "false_bridges", "bridges_without_truth", "single_component", "score")
     score_name = "score"
     output_description = "logits (N, 2, D, H, W): background, breakage Y_B (the voxels that reconnect a break)"
     input_spec = CONNECTION_INPUT_SPEC
