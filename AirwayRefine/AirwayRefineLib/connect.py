@@ -270,7 +270,7 @@ def find_breaks(
     centres_of: dict[int, list[tuple[int, int, int]]] = {}
     for blob in blobs:
         centres_of.setdefault(blob.label, []).append(blob.centre_zyx)
-    patches_of = {blob.centre_zyx: index for index, blob in enumerate(blobs)}
+    patches_of = {(blob.label, blob.centre_zyx): index for index, blob in enumerate(blobs)}
     readings = [
         _read_patch(blob, patch_probability, components, blobs_zyx, attention, spacing, threshold,
                     [centre for centre in centres_of[blob.label] if centre != blob.centre_zyx])
@@ -285,7 +285,7 @@ def find_breaks(
             if label:
                 centres = np.asarray(centres_of[label])
                 nearest = centres[np.argmin((((centres - np.asarray(peak)) * np.asarray(spacing)) ** 2).sum(axis=1))]
-                owned[patches_of[tuple(int(v) for v in nearest)]].append(bridge)
+                owned[patches_of[label, tuple(int(v) for v in nearest)]].append(bridge)
             else:
                 owned[index].append(bridge)
     breaks = [
