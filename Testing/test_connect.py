@@ -75,32 +75,26 @@ def test_a_gap_in_a_lumen_is_bridged_and_a_false_positive_is_not():
     assert (labels[gap] == 0).all()  # the input is not modified
 
 
-def test_every_gap_of_a_long_crowded_blob_gets_a_patch():
-    # A tube cut into 3-voxel pieces by 2-voxel gaps: one blob 111 voxels long, whose centre's
-    # 32^3 patch sees only its middle gaps.  Each piece's nearest gap gets a patch of its own.
-    shape = (32, 32, 128)
+def test_each_bridge_belongs_to_the_break_of_its_own_gap():
+    # Two 3-voxel gaps 10 voxels apart: two blobs, and each one's 32^3 patch sees both gaps.
+    shape = (32, 32, 96)
     z, y, x = np.indices(shape)
-    lumen = ((z - 16) ** 2 + (y - 16) ** 2 <= 4) & (x >= 8) & (x < 119)
+    lumen = ((z - 16) ** 2 + (y - 16) ** 2 <= 4) & (x >= 4) & (x < 92)
     ct = np.where(lumen, -1000, -850).astype(np.int16)
-    labels = (lumen & ((x - 8) % 5 < 3)).astype(np.uint8)
-    assert len(find_attention_blobs(breakage_attention(labels > 0, (1.0, 1.0, 1.0)))) == 1
+    gaps = [lumen & (x >= 28) & (x < 31), lumen & (x >= 38) & (x < 41)]
+    labels = (lumen & ~gaps[0] & ~gaps[1]).astype(np.uint8)
     prediction = find_breaks(ct, labels, (1.0, 1.0, 1.0), oracle(), FLOAT32)
-    assert prediction.components_before == 23
-    blob_centre = prediction.breaks[0].point_zyx
-    assert len(prediction.breaks) > 1
-    merged = merge_breaks(labels, prediction, (1.0, 1.0, 1.0), keep_largest_component=False)
-    assert cc3d.connected_components(merged > 0, connectivity=26, return_N=True)[1] == 1
+    assert prediction.components_before == 3 and len(prediction.breaks) == 2
+    for gap in gaps:
+        # Exactly one break holds this gap's bridge, and nothing else.
+        holding = [b for b in prediction.breaks if gap[tuple(b.bridge_zyx.T)].any()]
+        assert len(holding) == 1
+        bridge = np.zeros(shape, dtype=bool)
+        bridge[tuple(holding[0].bridge_zyx.T)] = True
+        assert np.array_equal(bridge, gap) and len(holding[0].joined) == 2
+        assert gap[holding[0].point_zyx]  # the break's own gap point
+    merged = merge_breaks(labels, prediction, (1.0, 1.0, 1.0))
     assert np.array_equal(merged > 0, lumen)
-    # The extra patches share the blob: each break's gap point lies in its own part, so no
-    # two breaks report the same point, and every gap is near some break's point.
-    points = [b.point_zyx for b in prediction.breaks]
-    assert len(set(points)) == len(points) and blob_centre in points
-    # Every patch sees several gaps, but each bridge belongs to one break: the one whose
-    # share of the blob holds it.  So no voxel is in two breaks.
-    bridges = [set(map(tuple, b.bridge_zyx.tolist())) for b in prediction.breaks]
-    assert sum(map(len, bridges)) == len(set().union(*bridges)) == (lumen & (labels == 0)).sum()
-    assert all(b.connected and 2 <= len(b.joined) <= 4 for b in prediction.breaks)
-    assert all(min(abs(p[2] - gap_x) for p in points) <= 8 for gap_x in range(11, 119, 5))
 
 
 def test_merging_a_chosen_subset_and_refusing_impossible_choices():

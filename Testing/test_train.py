@@ -110,9 +110,10 @@ def test_example_configs_load(path: Path) -> None:
     assert config.data.phantoms.validation > 0 and config.sampling.patch_size_zyx == expected
 
 
-def test_the_bundled_stage1_model_names_a_committed_init_with_its_checksum() -> None:
+@pytest.mark.parametrize("name", ["wingsnet_phantom", "unet_connection_phantom"])
+def test_a_bundled_fine_tuned_model_names_a_committed_init_with_its_checksum(name: str) -> None:
     """Round 2 fine-tunes round 1: the card's command must be reproducible from the repository."""
-    card = json.loads((ROOT / "Resources" / "Models" / "wingsnet_phantom.json").read_text())
+    card = json.loads((ROOT / "Resources" / "Models" / f"{name}.json").read_text())
     init = card["init"]
     assert f"--init {init['file']}" in card["training"]["command"]
     _, init_card = load_model(ROOT / init["file"])  # refuses a file whose SHA-256 differs from its card

@@ -12,25 +12,17 @@ only merges again.
 
 Choices where the paper is silent (each also said where it is made):
 
-* *More patches than blobs*: DeepTree crops one patch at each blob's centre.  Where the
-  periphery is crowded, many breaks share one wide blob and a thin branch's gap of a few
-  voxels can lie 15-25 voxels from its centroid, near the patch edge.  So every component
-  also marks the middle of its own nearest gap (between its voxel nearest another component
-  and that component's nearest voxel); where no patch centre lies within
-  :data:`GAP_CLEARANCE_VOXELS` of it along every axis, it gets a patch of its own, smallest
-  gaps first.  A blob with several patches is shared between them: each voxel belongs to the
-  nearest of its centres (for the gap point below).
 * A *bridge* is a 26-connected piece of predicted breakage voxels (probability > 0.5, outside
   the stage-1 mask) that touches at least two different stage-1 components; predicted voxels
   that touch one component or none join nothing and are dropped.  A patch sees more than its
-  own gap, so a bridge belongs to the break whose share of a blob holds the bridge's voxel of
-  highest attention (to the patch that predicted it when that voxel is in no blob), and a
+  own gap, so a bridge belongs to the break whose blob holds the bridge's voxel of highest
+  attention (to the patch that predicted it when that voxel is in no blob), and a
   break's bridge is the union of the pieces that belong to it, whichever patch predicted
   them: each break is one place a clinician accepts or rejects.  A break is *connected* when
   it has a bridge.
 * *Confidence*: the mean predicted probability over the bridge's voxels; for a break without
-  a bridge, the highest probability its patch predicted outside the mask inside its share of
-  the blob (how close the network came to bridging it).
+  a bridge, the highest probability its patch predicted outside the mask inside its blob
+  (how close the network came to bridging it).
 * *Gap point*: the blob's attention peak (its voxels nearest to a second component); where
   a gap's whole cross-section ties, the tied voxel nearest their centroid (on the axis).
 * *Gap length*: at the gap point, the distance to the nearest plus to the second-nearest
@@ -70,10 +62,6 @@ CONNECTION_PATCH_ZYX = (64, 64, 64)
 PATCH_BATCH_SIZE = 4
 #: Attention above this forms a blob (the second-nearest component is closer than alpha).
 BLOB_THRESHOLD = 0.5
-#: A component's nearest gap gets its own patch when no patch centre lies within this many
-#: voxels of its middle along every axis (module docstring): half the largest random shift of
-#: the training patches (``Resources/Training/phantom_connection*.toml``).
-GAP_CLEARANCE_VOXELS = 8
 
 
 def connection_input(hu_zyx: np.ndarray, attention_zyx: np.ndarray, spec: InputSpec) -> np.ndarray:
@@ -121,10 +109,9 @@ class Break:
     Attributes
     ----------
     id : int
-        1-based: the blobs' patches in order of attention (highest first), then the patches
-        of gaps away from every blob centre, smallest gap first (module docstring).
+        1-based, in the order of the blobs (highest attention first).
     point_zyx : tuple of 3 int
-        Voxel index of the gap point (the attention peak of the blob's share of this patch).
+        Voxel index of the gap point (the blob's attention peak).
     gap_mm : float or None
         Distance to the nearest plus to the second-nearest component at that point: the
         distance between the facing voxel centres across a straight gap (None when the
@@ -255,7 +242,6 @@ def find_breaks(
         return BreakPrediction(attention, int(count), [])
     size = np.asarray(loaded.patch_size_zyx)
     blobs_zyx = numbered[0]
-    blobs = blobs + _gap_patches(blobs, attention, components, blobs_zyx, spacing, alpha)
     patches = np.empty((len(blobs), loaded.spec.n_channels + 1, *size), dtype=np.float32)
     for patch, blob in zip(patches, blobs):
         patch[...] = connection_input(crop_padded(hu, blob.centre_zyx, size, PAD_HU),
@@ -267,81 +253,23 @@ def find_breaks(
     del patches
     report(progress, 0.9, "Finding the bridges")
     sizes = cc3d.statistics(components)["voxel_counts"]
-    centres_of: dict[int, list[tuple[int, int, int]]] = {}
-    for blob in blobs:
-        centres_of.setdefault(blob.label, []).append(blob.centre_zyx)
-    patches_of = {(blob.label, blob.centre_zyx): index for index, blob in enumerate(blobs)}
     readings = [
-        _read_patch(blob, patch_probability, components, blobs_zyx, attention, spacing, threshold,
-                    [centre for centre in centres_of[blob.label] if centre != blob.centre_zyx])
+        _read_patch(blob, patch_probability, components, blobs_zyx, attention, spacing, threshold)
         for blob, patch_probability in zip(blobs, probability)
     ]
-    # Each bridge goes to the break whose share of a blob holds its voxel of highest attention.
+    # Each bridge goes to the break whose blob holds its voxel of highest attention.
+    patch_of_blob = {blob.label: index for index, blob in enumerate(blobs)}
     owned: list[list[_Bridge]] = [[] for _ in blobs]
     for index, reading in enumerate(readings):
         for bridge in reading.bridges:
             peak = tuple(bridge.voxels_zyx[np.argmax(attention[tuple(bridge.voxels_zyx.T)])])
-            label = int(blobs_zyx[peak])
-            if label:
-                centres = np.asarray(centres_of[label])
-                nearest = centres[np.argmin((((centres - np.asarray(peak)) * np.asarray(spacing)) ** 2).sum(axis=1))]
-                owned[patches_of[label, tuple(int(v) for v in nearest)]].append(bridge)
-            else:
-                owned[index].append(bridge)
+            owned[patch_of_blob.get(int(blobs_zyx[peak]), index)].append(bridge)
     breaks = [
         _make_break(index, reading, bridges, sizes)
         for index, (reading, bridges) in enumerate(zip(readings, owned), start=1)
     ]
     report(progress, 1.0, f"{sum(b.connected for b in breaks)} of {len(breaks)} breaks bridged")
     return BreakPrediction(attention, int(count), breaks)
-
-
-def _gap_patches(
-    blobs: list[AttentionBlob],
-    attention: np.ndarray,
-    components: np.ndarray,
-    blobs_zyx: np.ndarray,
-    spacing: tuple[float, float, float],
-    alpha_mm: float,
-) -> list[AttentionBlob]:
-    """Extra patches at the components' nearest gaps far from every blob centre (module docstring).
-
-    Each returned blob is a copy of the blob holding the gap's middle, centred there.
-    """
-    # Per component, its voxel of highest attention: the one nearest another component
-    # (attention falls with that distance H; voxels at 0 have none within the cutoff).
-    flat = np.flatnonzero((components > 0) & (attention > 0))
-    if not len(flat):
-        return []
-    owner = components.ravel()[flat]
-    order = np.lexsort((-attention.ravel()[flat], owner))
-    firsts = flat[order[np.r_[True, owner[order][1:] != owner[order][:-1]]]]
-    spacing_array = np.asarray(spacing)
-    candidates = []
-    for index in firsts:
-        near_zyx = np.asarray(np.unravel_index(index, components.shape))
-        own = components.ravel()[index]
-        # H from the attention: sigmoid(alpha - H) inverted; the other component lies within H.
-        value = float(attention.ravel()[index])
-        reach_mm = alpha_mm - np.log(value / (1.0 - value)) if value < 1.0 else 0.0
-        reach = np.ceil(reach_mm / spacing_array).astype(int) + 1
-        low = np.maximum(near_zyx - reach, 0)
-        box = components[tuple(slice(a, b) for a, b in zip(low, np.minimum(near_zyx + reach + 1, components.shape)))]
-        others = np.argwhere((box > 0) & (box != own)) + low
-        if not len(others):
-            continue
-        distance = (((others - near_zyx) * spacing_array) ** 2).sum(axis=1)
-        middle = tuple(int(v) for v in np.rint((near_zyx + others[np.argmin(distance)]) / 2))
-        if blobs_zyx[middle]:  # gaps wider than about 2 alpha form no blob: no break there
-            candidates.append((float(distance.min()), middle))
-    by_label = {blob.label: blob for blob in blobs}
-    taken = np.asarray([blob.centre_zyx for blob in blobs])
-    added = []
-    for _, middle in sorted(candidates):
-        if np.abs(taken - np.asarray(middle)).max(axis=1).min() > GAP_CLEARANCE_VOXELS:
-            added.append(dataclasses.replace(by_label[int(blobs_zyx[middle])], centre_zyx=middle))
-            taken = np.vstack([taken, middle])
-    return added
 
 
 @dataclass
@@ -372,23 +300,12 @@ def _read_patch(
     attention: np.ndarray,
     spacing: tuple[float, float, float],
     threshold: float,
-    rival_centres_zyx: Sequence[tuple[int, int, int]] = (),
 ) -> _PatchReading:
-    """The gap point, gap, nearest components and predicted bridges of the patch centred on ``blob``;
-    ``rival_centres_zyx``: the other patch centres of the same blob, which take their share of it."""
+    """The gap point, gap, nearest components and predicted bridges of the patch centred on ``blob``."""
     size = np.asarray(probability_zyx.shape)
     start_zyx = np.asarray(blob.centre_zyx) - size // 2
     comp = crop_padded(components, blob.centre_zyx, size, 0)
     in_blob = crop_padded(blobs_zyx, blob.centre_zyx, size, 0) == blob.label
-    if len(rival_centres_zyx):
-        # The blob's share of this patch: its voxels nearer (mm) this centre than any other.
-        grid_mm = [(np.arange(n) + first) * step for n, first, step in zip(size, start_zyx, spacing)]
-        def squared_mm(centre_zyx):
-            return sum(np.square(axis - c * step).reshape(shape)
-                       for axis, c, step, shape in zip(grid_mm, centre_zyx, spacing, ((-1, 1, 1), (1, -1, 1), (1, 1, -1))))
-        own = squared_mm(blob.centre_zyx)
-        for rival in rival_centres_zyx:
-            in_blob &= own <= squared_mm(rival)
     peak = _gap_point(np.where(in_blob, crop_padded(attention, blob.centre_zyx, size, 0.0), -1.0))
     # The two components nearest the gap point (module docstring): distances from it to every
     # labelled voxel of the patch (the components that matter lie within the cutoff, well
