@@ -325,15 +325,19 @@ def _read_patch(
     predicted = (probability_zyx > threshold) & (comp == 0)
     pieces, n_pieces = cc3d.connected_components(predicted, connectivity=26, return_N=True)
     bridges = []
-    if n_pieces:
-        for piece, touched in _touched_components(pieces, n_pieces, comp).items():
-            if len(touched) < 2:
-                continue
-            local = np.argwhere(pieces == piece)
-            global_zyx = local + start_zyx
-            inside = np.all((global_zyx >= 0) & (global_zyx < np.asarray(components.shape)), axis=1)
-            if inside.any():
-                bridges.append(_Bridge(global_zyx[inside].astype(np.int64), probability_zyx[tuple(local[inside].T)], touched))
+    touching = _touched_components(pieces, n_pieces, comp) if n_pieces else {}
+    joining = {piece: touched for piece, touched in touching.items() if len(touched) >= 2}
+    if joining:
+        # One pass over the patch for all joining pieces, then each piece's voxels inside the volume.
+        local_all = np.argwhere(np.isin(pieces, list(joining)))
+        global_all = local_all + start_zyx
+        inside = np.all((global_all >= 0) & (global_all < np.asarray(components.shape)), axis=1)
+        local_all, global_all = local_all[inside], global_all[inside]
+        piece_of = pieces[tuple(local_all.T)]
+        for piece, touched in joining.items():
+            mine = piece_of == piece
+            if mine.any():
+                bridges.append(_Bridge(global_all[mine].astype(np.int64), probability_zyx[tuple(local_all[mine].T)], touched))
     outside = in_blob & (comp == 0)
     best = float(probability_zyx[outside].max()) if outside.any() else 0.0
     point = tuple(int(v) for v in np.asarray(peak) + start_zyx)
