@@ -142,6 +142,23 @@ def test_dice_focal_loss_multi_class_and_its_cross_entropy_limit():
     assert float(DiceFocalLoss()(logits, y)) == pytest.approx(float(expected), abs=1e-9)
 
 
+def test_per_sample_dice_is_the_mean_of_each_samples_loss_and_weighs_a_small_target_up():
+    gen = torch.Generator().manual_seed(4)
+    logits = torch.randn(2, 2, 4, 4, 4, generator=gen, dtype=torch.float64)
+    target = torch.zeros(2, 4, 4, 4, dtype=torch.long)
+    target[0, :, :3, :3] = 1  # a wide gap: 36 voxels
+    target[1, 2, 2, 2] = 1  # a thin one: 1 voxel
+    per_sample = DiceFocalLoss(gamma=0.0, eps=1e-5, batch_dice=False)
+    alone = [DiceFocalLoss(gamma=0.0, eps=1e-5)(logits[i : i + 1], target[i : i + 1]) for i in range(2)]
+    assert float(per_sample(logits, target)) == pytest.approx(float(sum(alone) / 2), abs=1e-12)
+    # Missing the one-voxel target: half the loss per sample (Dice 1 and 0), 1/73 over the
+    # batch (2 * 36 / (36 + 37)); the cross-entropy is the same in both.
+    missed = confident_logits(target, 2)
+    missed[1, :, 2, 2, 2] = missed[1, :, 0, 0, 0]
+    batch = DiceFocalLoss(gamma=0.0, eps=1e-5)
+    assert float(per_sample(missed, target) - batch(missed, target)) == pytest.approx(0.5 - 1 / 73, abs=1e-4)
+
+
 @pytest.mark.parametrize(
     "loss",
     [

@@ -249,6 +249,20 @@ def test_loss_phases_add_the_weights_in_turn() -> None:
     assert without_aux(output, batch, 0).aux == 0.0
 
 
+@pytest.mark.parametrize("name", ["dice_ce", "dice_focal", "deeptree"])
+def test_batch_dice_false_scores_each_sample_by_itself(name) -> None:
+    torch.manual_seed(1)
+    labels = torch.zeros(2, 8, 8, 8, dtype=torch.long)
+    labels[0, 2:6, 2:6, 2:6] = 1  # a large target
+    labels[1, 4, 4, 4] = 1  # a one-voxel target
+    batch = {"labels": labels, "gul_weight": torch.ones(2, 8, 8, 8)}
+    output = SegmentationOutput(torch.randn(2, 4, 8, 8, 8))
+    config = {"name": name, "group_supervision": False, "distillation_weight": 0.0}
+    per_sample = TrainingLoss(LossConfig(**config, batch_dice=False), ScheduleConfig())
+    whole_batch = TrainingLoss(LossConfig(**config), ScheduleConfig())
+    assert per_sample(output, batch, 0).main > whole_batch(output, batch, 0).main
+
+
 # ---------------------------------------------------------------- training runs
 
 

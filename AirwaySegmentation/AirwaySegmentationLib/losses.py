@@ -11,7 +11,8 @@ Conventions shared by every loss here:
 - The airway *union* is every class but background: ``p = 1 - p_background``,
   ``y = 1 - y_background``.
 - Sums run over the whole batch (one ratio per batch, "batch Dice"), so a crop without
-  airway does not give an undefined or meaningless per-sample ratio.
+  airway does not give an undefined or meaningless per-sample ratio.  Only
+  :class:`DiceFocalLoss` can be asked for one ratio per sample (``batch_dice=False``).
 - Losses are computed in at least float32 whatever the autocast dtype (float64 stays
   float64 so ``torch.autograd.gradcheck`` works).
 
@@ -352,6 +353,11 @@ class DiceFocalLoss(nn.Module):
         Focusing exponent (2; 0 gives cross-entropy).
     eps : float
         Dice smoothing (1e-7).
+    batch_dice : bool
+        True: one Dice ratio per class over the whole batch (the module's rule, as above);
+        False: one per sample and class, averaged over the samples (nnU-Net's
+        ``batch_dice = False``), so a sample whose target is a few voxels (the gap of a thin
+        branch) weighs as much as one with thousands.
 
     ``forward(logits, target, mask)``: an optional voxel mask (1 counts, 0 is left out of both
     terms) for voxels whose prediction is never used (stage 2: voxels already in the broken
@@ -362,7 +368,7 @@ class DiceFocalLoss(nn.Module):
     ``forward(logits (N, C, D, H, W), target (N, D, H, W) or (N, C, D, H, W), mask (N, D, H, W) = None) -> scalar``
     """
 
-    def __init__(self, gamma: float = 2.0, eps: float = 1e-7) -> None:
+    def __init__(self, gamma: float = 2.0, eps: float = 1e-7, batch_dice: bool = True) -> None:
         super().__init__()
         if gamma < 0.0:
             raise ValueError(f"gamma must be >= 0, got {gamma}")
@@ -370,6 +376,7 @@ class DiceFocalLoss(nn.Module):
             raise ValueError(f"eps must be > 0, got {eps}")
         self.gamma = gamma
         self.eps = eps
+        self.batch_dice = batch_dice
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         log_probabilities, probabilities, one_hot = _probabilities_and_target(logits, target)
@@ -379,10 +386,12 @@ class DiceFocalLoss(nn.Module):
             mask = mask.to(probabilities.dtype)
             probabilities = probabilities * mask[:, None]
             one_hot = one_hot * mask[:, None]
-        dims = (0, 2, 3, 4)
-        intersection = (probabilities * one_hot).sum(dims)[1:]
-        total = (probabilities + one_hot).sum(dims)[1:]
+        dims = (0, 2, 3, 4) if self.batch_dice else (2, 3, 4)
+        intersection = (probabilities * one_hot).sum(dims)[..., 1:]
+        total = (probabilities + one_hot).sum(dims)[..., 1:]
         dice = (2.0 * intersection + self.eps) / (total + self.eps)  # Qin 2020, eq. 7 (Dice)
+        if not self.batch_dice:
+            dice = dice.mean(dim=0)  # (N, C - 1) -> (C - 1): the samples' mean per class
         log_true = (one_hot * log_probabilities).sum(dim=1)  # log p_t (0 where masked out)
         focal_terms = -((1.0 - log_true.exp()) ** self.gamma * log_true)
         # Qin 2020, eq. 7 (focal): the mean over the voxels that count.

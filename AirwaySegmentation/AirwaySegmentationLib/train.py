@@ -254,13 +254,13 @@ class TrainingLoss(nn.Module):
                 (GeneralUnionLoss(alpha=0.2), "gul_weight"),  # Zheng's later stage
             ]
         if self.config.name == "deeptree":
-            class_loss = DiceFocalLoss(gamma=0.0, eps=1e-5)
+            class_loss = DiceFocalLoss(gamma=0.0, eps=1e-5, batch_dice=self.config.batch_dice)
             phases = [(DeepTreeLoss(class_loss, union_loss), key) for union_loss, key in phases]
         elif self.config.name == "dice_focal":
-            phases = [(DiceFocalLoss(), None)] * 3
+            phases = [(DiceFocalLoss(batch_dice=self.config.batch_dice), None)] * 3
         elif self.config.name == "dice_ce":
             # Batches may carry a "loss_mask" (stage 2: voxels whose prediction is never used).
-            phases = [(DiceFocalLoss(gamma=0.0, eps=1e-5), "loss_mask")] * 3
+            phases = [(DiceFocalLoss(gamma=0.0, eps=1e-5, batch_dice=self.config.batch_dice), "loss_mask")] * 3
         self.phases = phases
         self.distillation = (
             AttentionDistillationLoss(alpha=config.distillation_weight, channel=config.distillation_channel)

@@ -274,6 +274,10 @@ class LossConfig:
         ``features``; 0: off.
     distillation_channel : bool
         Also distil channel attention (the AttdKD interpretation, for ``pwfr_unet``).
+    batch_dice : bool
+        The Dice terms of ``dice_ce``, ``dice_focal`` and DeepTree's per-class term: one ratio
+        over the batch (True) or one per sample, averaged (False, nnU-Net's ``batch_dice``).
+        The union losses always sum over the batch.
     """
 
     name: str = "deeptree"
@@ -281,6 +285,7 @@ class LossConfig:
     group_supervision: bool = True
     distillation_weight: float = 0.1
     distillation_channel: bool = False
+    batch_dice: bool = True
 
     def __post_init__(self) -> None:
         _check(self.name in LOSSES, "name", f"one of {', '.join(LOSSES)}", self.name)
