@@ -117,8 +117,9 @@ def pointwise_model() -> SegmentationModel:
     )
 
 
-def expected_airway(ct: np.ndarray, box, largest: bool = True, connectivity: int = 26) -> np.ndarray:
-    """Independent reference: air below the threshold in the box, largest component, holes filled."""
+def expected_airway(ct: np.ndarray, box, largest: bool = True, connectivity: int = 26, in_slices: bool = True) -> np.ndarray:
+    """Independent reference: air below the threshold in the box, largest component, holes
+    filled in 3-D, then in each z slice (``in_slices``)."""
     air = np.zeros(ct.shape, dtype=bool)
     air[box] = ct[box] < AIRWAY_BELOW_HU
     if largest:
@@ -126,7 +127,10 @@ def expected_airway(ct: np.ndarray, box, largest: bool = True, connectivity: int
         sizes = np.bincount(components.ravel())
         sizes[0] = 0
         air = components == np.argmax(sizes)
-    return ndimage.binary_fill_holes(air)
+    filled = ndimage.binary_fill_holes(air)
+    if in_slices:
+        filled = np.stack([ndimage.binary_fill_holes(section) for section in filled])
+    return filled
 
 
 @pytest.fixture(scope="module")
@@ -183,6 +187,19 @@ def test_pointwise_labels_are_the_largest_air_component_with_holes_filled(pointw
     np.testing.assert_array_equal(labels, expected.astype(np.uint8))  # every airway voxel is class 1
     assert labels[ENCLOSED_TISSUE] == 1
     assert result.info["class_voxels"] == {"1": int(expected.sum()), "2": 0, "3": 0}
+
+
+def test_a_hollow_lumen_open_at_both_ends_is_filled_in_each_slice() -> None:
+    """A tissue core along the whole tube (a lumen the network labels as a ring) touches the
+    background at both ends, so only the slice-wise filling closes it."""
+    ct = synthetic_ct()
+    core = (TUBE[0], slice(27, 29), slice(27, 29))
+    ct[core] = 40
+    result = segment_ct(ct, GEOMETRY, pointwise_model())
+    only_3d = expected_airway(ct, result.crop_box, in_slices=False)
+    assert not only_3d[core].any() and only_3d[TUBE].any()
+    assert (result.labels.array_zyx[core] == 1).all()
+    np.testing.assert_array_equal(result.labels.array_zyx, expected_airway(ct, result.crop_box).astype(np.uint8))
 
 
 def test_all_components_keeps_the_separate_blob() -> None:

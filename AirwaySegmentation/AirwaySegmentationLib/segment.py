@@ -12,7 +12,9 @@ Steps, each timed (``SegmentationResult.timings_s``):
 4. ``postprocess``: airway union thresholded (0.5), airway outside the body's outline
    removed (:func:`~AirwaySegmentationLib.preprocess.inside_body`: air pockets in clothing
    look like a lumen), largest component (26-connected by default), holes filled (METHODS
-   section 5); every airway voxel takes its most likely
+   section 5) in 3-D, then in each z slice (a hollow lumen wider than the training data's
+   is a hole only there: :func:`~AirwaySegmentationLib.arrays.fill_holes_in_slices`, ours);
+   every airway voxel takes its most likely
    airway class, so filled voxels get a class too;
 5. the labels are put back into the full grid (zero outside the crop).
 
@@ -35,7 +37,7 @@ import numpy as np
 from torch import nn
 
 from . import __version__
-from .arrays import Box, check_connectivity, fill_holes, largest_component
+from .arrays import Box, check_connectivity, fill_holes, fill_holes_in_slices, largest_component
 from .batch import BatchSummary, Case, find_inputs, parse_shard, run_cases, select_shard
 from .catalogue import default_model_name
 from .errors import AirwayInputError
@@ -260,7 +262,7 @@ def _segment_checked(
     airway &= inside_body(ct.array_zyx, ct.spacing_zyx)[box]
     if keep_largest_component:
         airway = largest_component(airway, connectivity)
-    airway = fill_holes(airway)
+    airway = fill_holes_in_slices(fill_holes(airway))
     labels = np.zeros(ct.array_zyx.shape, dtype=np.uint8)
     labels[box] = np.where(airway, airway_class, 0)
     probability = None
