@@ -112,7 +112,7 @@ def test_example_configs_load(path: Path) -> None:
 
 @pytest.mark.parametrize("name", ["wingsnet_phantom", "unet_connection_phantom"])
 def test_a_bundled_fine_tuned_model_names_a_committed_init_with_its_checksum(name: str) -> None:
-    """Round 2 fine-tunes round 1: the card's command must be reproducible from the repository."""
+    """A fine-tuned round starts from the previous one: the card's command must be reproducible from the repository."""
     card = json.loads((ROOT / "Resources" / "Models" / f"{name}.json").read_text())
     init = card["init"]
     assert f"--init {init['file']}" in card["training"]["command"]
