@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
+import dataclasses
 import json
 import os
 import pickle
@@ -33,7 +34,7 @@ from AirwaySegmentationLib.models import (
 from AirwaySegmentationLib.networks import SegmentationOutput, build_network
 from AirwaySegmentationLib.preprocess import DEFAULT_INPUT_SPEC
 from AirwaySegmentationLib.progress import Cancelled
-from AirwaySegmentationLib.train import Runtime, SegmentationTask, TrainingLoss, train
+from AirwaySegmentationLib.train import Runtime, SegmentationTask, TrainingLoss, load_training_volumes, train
 from AirwaySegmentationLib.tree import parse_airway_tree
 from AirwaySegmentationLib.train_config import (
     LossConfig,
@@ -308,7 +309,9 @@ def test_resume_after_a_kill_continues_and_repeats_the_uninterrupted_run(tmp_pat
     assert len((out / "log.csv").read_text().splitlines()) == 4
 
     messages = []
-    result = train(config_from_dict(table), out, progress=lambda f, m: messages.append(m))
+    # A resumed run may load its volumes in other processes (same volumes, same run).
+    parallel = {**table, "data": {**table["data"], "load_workers": 2}}
+    result = train(config_from_dict(parallel), out, progress=lambda f, m: messages.append(m))
     assert not any(m.startswith("epoch 3/4") for m in messages)  # epoch 3 was not redone
     assert not any("hard mining" in m for m in messages)  # the saved masks were reused
     assert result.epochs == 4 and result.iterations == 4 * steps
@@ -317,6 +320,17 @@ def test_resume_after_a_kill_continues_and_repeats_the_uninterrupted_run(tmp_pat
     uninterrupted = model_state(tmp_path / "uninterrupted" / "last.pt")
     resumed = model_state(out / "last.pt")
     assert all(torch.equal(uninterrupted[k], resumed[k]) for k in uninterrupted)
+
+
+def test_loading_in_several_processes_gives_the_same_volumes_in_the_same_order() -> None:
+    data = config_from_dict(tiny(data={"phantoms": {**TINY["data"]["phantoms"], "train": 3, "validation": 2}})).data
+    serial = load_training_volumes(data)
+    parallel = load_training_volumes(dataclasses.replace(data, load_workers=3))
+    for one, other in zip(serial, parallel, strict=True):
+        assert [v.name for v in one] == [v.name for v in other] and len(one) in (2, 3)
+        for a, b in zip(one, other):
+            assert np.array_equal(a.ct.array_zyx, b.ct.array_zyx) and np.array_equal(a.labels3, b.labels3)
+            assert a.crop_box == b.crop_box
 
 
 def test_a_kill_between_the_checkpoint_files_leaves_a_resumable_run(tmp_path, monkeypatch) -> None:

@@ -55,15 +55,19 @@ Examples
 from __future__ import annotations
 
 import abc
+import contextlib
 import csv
 import dataclasses
 import datetime
+import functools
 import json
 import math
+import multiprocessing
 import os
 import pickle
 import time
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -185,8 +189,12 @@ def _seed(config: TrainConfig, runtime: Runtime, epoch: int, purpose: int) -> in
 def load_training_volumes(
     data: DataConfig, progress: ProgressCallback | None = None
 ) -> tuple[list[TrainingVolume], list[TrainingVolume]]:
-    """The training and validation volumes of a :class:`DataConfig` (ATM folder, then phantoms)."""
-    jobs: list[tuple[str, Any]] = []
+    """The training and validation volumes of a :class:`DataConfig` (ATM folder, then phantoms).
+
+    With ``data.load_workers`` > 1 the cases are read and the phantoms generated in that many
+    processes; the volumes and their order are the same as with one.
+    """
+    jobs: list[tuple[str, functools.partial]] = []
     if data.atm_root is not None:
         cases = find_cases(data.atm_root)
         if data.atm_validation_cases >= len(cases):
@@ -195,17 +203,31 @@ def load_training_volumes(
                 f"{len(cases)} cases; leave at least one for training."
             )
         cut = len(cases) - data.atm_validation_cases
-        jobs += [("train" if i < cut else "validation", lambda c=case: load_case(c, data.margin_mm)) for i, case in enumerate(cases)]
+        jobs += [
+            ("train" if i < cut else "validation", functools.partial(load_case, case, data.margin_mm))
+            for i, case in enumerate(cases)
+        ]
     if data.phantoms is not None:
         p = data.phantoms
         for split, count in (("train", p.train), ("validation", p.validation)):
             for i, seed in enumerate(phantom_seeds(split, count)):
                 variant = p.variants[i % len(p.variants)]
-                jobs.append((split, lambda s=seed, v=variant: phantom_training_volume(s, v, p.shape_zyx, p.spacing_zyx, data.margin_mm)))
+                jobs.append((split, functools.partial(
+                    phantom_training_volume, seed, variant, p.shape_zyx, p.spacing_zyx, data.margin_mm,
+                )))
     volumes: dict[str, list[TrainingVolume]] = {"train": [], "validation": []}
-    for index, (split, load) in enumerate(jobs):
-        report(progress, index / len(jobs), f"loading training data ({index + 1}/{len(jobs)})")
-        volumes[split].append(load())
+    with contextlib.ExitStack() as stack:
+        if data.load_workers > 1 and len(jobs) > 1:
+            # spawn, not fork: the training process may hold threads (BLAS, CUDA) a fork would copy mid-state.
+            pool = stack.enter_context(ProcessPoolExecutor(
+                min(data.load_workers, len(jobs)), mp_context=multiprocessing.get_context("spawn"),
+            ))
+            loads = [pool.submit(load).result for _, load in jobs]
+        else:
+            loads = [load for _, load in jobs]
+        for index, ((split, _), load) in enumerate(zip(jobs, loads)):
+            report(progress, index / len(jobs), f"loading training data ({index + 1}/{len(jobs)})")
+            volumes[split].append(load())
     return volumes["train"], volumes["validation"]
 
 
@@ -534,13 +556,14 @@ def _write_copies(out_dir: Path, sidecar: str, log: list[dict], columns: Sequenc
 
 
 def _comparable(config: dict) -> dict:
-    """A config without the keys a resumed run may change (the run length).
+    """A config without the keys a resumed run may change (the run length, the loading processes).
 
     Stage-1 runs saved before configs had a ``task`` and a ``[connection]`` table compare
     equal to the same run now: a missing task is "segmentation", whose runs ignore
     ``[connection]``.
     """
     config = {**config, "schedule": {**config["schedule"], "epochs": None}}
+    config["data"] = {**config["data"], "load_workers": None}
     config.setdefault("task", "segmentation")
     if config["task"] == "segmentation":
         config.pop("connection", None)

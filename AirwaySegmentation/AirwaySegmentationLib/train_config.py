@@ -123,16 +123,22 @@ class DataConfig:
         ``[data.phantoms]``.
     margin_mm : float
         Crop margin around the lungs.
+    load_workers : int
+        Processes that read the cases and generate the phantoms at the start of a run (1: the
+        training process alone).  The volumes do not depend on it, and a resumed run may
+        change it.
     """
 
     atm_root: str | None = None
     atm_validation_cases: int = 0
     phantoms: PhantomConfig | None = None
     margin_mm: float = DEFAULT_MARGIN_MM
+    load_workers: int = 1
 
     def __post_init__(self) -> None:
         _check(self.atm_validation_cases >= 0, "atm_validation_cases", "a count >= 0", self.atm_validation_cases)
         _check(self.margin_mm >= 0, "margin_mm", "a size >= 0 (mm)", self.margin_mm)
+        _check(self.load_workers >= 1, "load_workers", "a count >= 1", self.load_workers)
         has_phantoms = self.phantoms is not None and self.phantoms.train > 0
         _check(
             self.atm_root is not None or has_phantoms, "atm_root",
