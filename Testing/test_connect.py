@@ -29,7 +29,7 @@ from AirwaySegmentationLib.inference_settings import InferenceSettings
 from AirwaySegmentationLib.models import bundle_model, export_model
 from AirwaySegmentationLib.networks import build_network
 from AirwaySegmentationLib.segment import SegmentationModel, load_segmentation_model
-from AirwaySegmentationLib.train import train
+from AirwaySegmentationLib.train import Runtime, train
 from AirwaySegmentationLib.train_config import config_from_dict
 from AirwaySegmentationLib.tree import parse_airway_tree
 from AirwaySegmentationLib.volume import Geometry, Volume, read_volume, to_sitk
@@ -318,6 +318,26 @@ def test_connection_training_runs_in_the_shared_loop_and_exports_a_connection_mo
     assert {"reconnected", "false_bridges", "single_component", "score"} <= set(header)
     loaded = load_segmentation_model(str(tmp_path / "best.safetensors"), task="connection")
     assert loaded.spec.n_channels == 1
+
+
+def test_trees_and_real_breaks_loaded_in_several_processes_are_the_same():
+    def loaded(workers):
+        config = connection_config(
+            data={"load_workers": workers, "phantoms": {"train": 2, "validation": 0, "shape_zyx": [64, 96, 96], "spacing_zyx": [1.6, 1.4, 1.4]}},
+            connection={"real_breaks_model": "default", "real_break_share": 0.5},
+        )
+        task = ConnectionTask()
+        task.load(config, Runtime(torch.device("cpu"), torch.float32, 0, 1, False), None)
+        return task
+
+    serial, parallel = loaded(1), loaded(2)
+    assert sum(len(examples.blobs) for examples in serial.real) > 0  # the stage-1 model left breaks to harvest
+    for one, other in zip(serial.trees, parallel.trees, strict=True):
+        assert np.array_equal(one.branch_labels_zyx, other.branch_labels_zyx) and len(one.branches) == len(other.branches)
+    for one, other in zip(serial.real, parallel.real, strict=True):
+        assert one.blobs == other.blobs
+        for name in ("attention_zyx", "target_zyx", "known_zyx"):
+            assert np.array_equal(getattr(one, name), getattr(other, name))
 
 
 def test_connection_configs_are_checked():

@@ -48,7 +48,7 @@ from AirwaySegmentationLib.preprocess import InputSpec
 from AirwaySegmentationLib.progress import ProgressCallback, report
 from AirwaySegmentationLib.sampling import PAD_HU
 from AirwaySegmentationLib.segment import SegmentationModel, load_segmentation_model, segment_ct
-from AirwaySegmentationLib.train import Runtime, TrainingTask, load_training_volumes
+from AirwaySegmentationLib.train import Runtime, TrainingTask, load_training_volumes, loading_pool
 from AirwaySegmentationLib.train_config import ConnectionConfig, TrainConfig
 from AirwaySegmentationLib.tree import AirwayTree, parse_airway_tree
 
@@ -277,15 +277,20 @@ class ConnectionTask(TrainingTask):
     def load(self, config: TrainConfig, runtime: Runtime, progress: ProgressCallback | None) -> None:
         connection = config.connection
         self.train_volumes, validation_volumes = load_training_volumes(config.data, progress)
-        report(progress, 0.0, f"Parsing {len(self.train_volumes)} training trees")
-        self.trees = [parse_airway_tree(v.labels3 > 0, v.spacing_zyx, connectivity=26) for v in self.train_volumes]
-        self.real = [None] * len(self.train_volumes)
-        if connection.real_break_share > 0 and connection.real_breaks_model != "none":
-            stage1 = load_segmentation_model(None if connection.real_breaks_model == "default" else connection.real_breaks_model)
-            for index, volume in enumerate(self.train_volumes):
-                report(progress, index / len(self.train_volumes), f"Real breaks of {volume.name} ({index + 1}/{len(self.train_volumes)})")
-                predicted = segment_ct(volume.ct.array_zyx, volume.ct.geometry, stage1, keep_largest_component=False).labels.array_zyx
-                self.real[index] = real_examples(volume, predicted, connection)
+        count = len(self.train_volumes)
+        # Parsing and harvesting run in config.data.load_workers processes while this one predicts.
+        with loading_pool(min(config.data.load_workers, count)) as defer:
+            trees = [defer(parse_airway_tree, v.labels3 > 0, v.spacing_zyx, connectivity=26) for v in self.train_volumes]
+            real = [None] * count
+            if connection.real_break_share > 0 and connection.real_breaks_model != "none":
+                stage1 = load_segmentation_model(None if connection.real_breaks_model == "default" else connection.real_breaks_model)
+                for index, volume in enumerate(self.train_volumes):
+                    report(progress, index / count, f"Real breaks of {volume.name} ({index + 1}/{count})")
+                    predicted = segment_ct(volume.ct.array_zyx, volume.ct.geometry, stage1, keep_largest_component=False).labels.array_zyx
+                    real[index] = defer(real_examples, volume, predicted, connection)
+            report(progress, 0.0, f"Parsing {count} training trees")
+            self.trees = [tree() for tree in trees]
+            self.real = [None if examples is None else examples() for examples in real]
         if runtime.is_main:
             for index, volume in enumerate(validation_volumes):
                 tree = parse_airway_tree(volume.labels3 > 0, volume.spacing_zyx, connectivity=26)

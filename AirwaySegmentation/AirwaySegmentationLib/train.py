@@ -66,7 +66,7 @@ import multiprocessing
 import os
 import pickle
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -163,6 +163,9 @@ def start_runtime(config: RuntimeConfig) -> Runtime:
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
+        # Every step has the same patch shape: let cuDNN time its algorithms once and keep the
+        # fastest (nnU-Net does the same).  CUDA training is not bitwise repeatable anyway.
+        torch.backends.cudnn.benchmark = True
     dtype = resolve_precision(config.precision, device)
     start_group = world_size > 1 and not dist.is_initialized()
     if start_group:
@@ -184,6 +187,22 @@ def _seed(config: TrainConfig, runtime: Runtime, epoch: int, purpose: int) -> in
 # --------------------------------------------------------------------------------------
 # Data
 # --------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def loading_pool(workers: int) -> Iterator[Callable[..., Callable[[], Any]]]:
+    """``defer(function, *args, **kwargs)``: a callable that gives ``function(*args, **kwargs)``.
+
+    With ``workers`` > 1 the call starts at once in one of that many processes (the function
+    and its arguments must pickle) and the callable waits for its result; with one it runs
+    when the callable is called.  Either way the results are the same.
+    """
+    if workers <= 1:
+        yield functools.partial
+        return
+    # spawn, not fork: the training process may hold threads (BLAS, CUDA) a fork would copy mid-state.
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        yield lambda function, *args, **kwargs: pool.submit(function, *args, **kwargs).result
 
 
 def load_training_volumes(
@@ -216,15 +235,8 @@ def load_training_volumes(
                     phantom_training_volume, seed, variant, p.shape_zyx, p.spacing_zyx, data.margin_mm,
                 )))
     volumes: dict[str, list[TrainingVolume]] = {"train": [], "validation": []}
-    with contextlib.ExitStack() as stack:
-        if data.load_workers > 1 and len(jobs) > 1:
-            # spawn, not fork: the training process may hold threads (BLAS, CUDA) a fork would copy mid-state.
-            pool = stack.enter_context(ProcessPoolExecutor(
-                min(data.load_workers, len(jobs)), mp_context=multiprocessing.get_context("spawn"),
-            ))
-            loads = [pool.submit(load).result for _, load in jobs]
-        else:
-            loads = [load for _, load in jobs]
+    with loading_pool(min(data.load_workers, len(jobs))) as defer:
+        loads = [defer(load) for _, load in jobs]
         for index, ((split, _), load) in enumerate(zip(jobs, loads)):
             report(progress, index / len(jobs), f"loading training data ({index + 1}/{len(jobs)})")
             volumes[split].append(load())
