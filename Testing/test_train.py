@@ -91,7 +91,7 @@ def write_toml(table: dict, path: Path) -> Path:
 
 
 def model_state(path: Path) -> dict[str, torch.Tensor]:
-    return torch.load(path, weights_only=True)["model"]
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]
 
 
 @pytest.fixture(scope="module")
@@ -294,6 +294,7 @@ def test_resume_after_a_kill_continues_and_repeats_the_uninterrupted_run(tmp_pat
         schedule={"epochs": 4, "iterations_per_epoch": steps},
         data={"phantoms": {**TINY["data"]["phantoms"], "validation": 0}},
         optimizer={"lr": 1e-2},
+        runtime={"device": "cpu"},  # bitwise repeatable there (CUDA kernels are not)
     )
     train(config_from_dict(table), tmp_path / "uninterrupted")
 
@@ -590,7 +591,7 @@ def test_a_stage1_run_saved_before_tasks_existed_resumes(tmp_path) -> None:
     """Checkpoints written before configs had ``task`` and ``[connection]`` resume unchanged."""
     config = config_from_dict(tiny(schedule={"epochs": 1, "iterations_per_epoch": 1}, sampling={"hard_mining_every": 0}))
     train(config, tmp_path)
-    checkpoint = torch.load(tmp_path / "last.pt", weights_only=True)
+    checkpoint = torch.load(tmp_path / "last.pt", map_location="cpu", weights_only=True)
     sidecar = json.loads(checkpoint["sidecar"])
     for key in ("task", "connection"):
         del sidecar["config"][key]
