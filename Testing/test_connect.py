@@ -10,6 +10,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
+from AirwayRefineLib import connect
 from AirwayRefineLib.attention import blob_labels, breakage_attention, find_attention_blobs
 from AirwayRefineLib.breakage import simulate_breakage
 from AirwayRefineLib.connect import Break, BreakPrediction, find_breaks, merge_breaks
@@ -73,6 +74,36 @@ def test_a_gap_in_a_lumen_is_bridged_and_a_false_positive_is_not():
     assert (merged[gap & (x <= 29)] == 2).all() and (merged[gap & (x >= 32)] == 3).all()
     assert not merged[(labels == 3) & (y > 20)].any()  # the false-positive ball is gone
     assert (labels[gap] == 0).all()  # the input is not modified
+
+
+def test_a_bridge_bulging_off_its_gap_keeps_the_voxels_near_its_shortest_path(monkeypatch):
+    # A thin tube (radius 2) with a 6-voxel gap beside a dark pocket (radius 5, centred 5
+    # voxels off the axis): the oracle predicts gap and pocket in one piece.
+    shape = (32, 32, 64)
+    z, y, x = np.indices(shape)
+    lumen = ((z - 16) ** 2 + (y - 16) ** 2 <= 4) & (x >= 4) & (x < 60)
+    gap = lumen & (x >= 28) & (x < 34)
+    pocket = (z - 16) ** 2 + (y - 21) ** 2 + (x - 30.5) ** 2 <= 25
+    ct = np.where(lumen | pocket, -1000, -850).astype(np.int16)
+    labels = (lumen & ~gap).astype(np.uint8)
+
+    def bridge_mask() -> np.ndarray:
+        (bridge,) = [b for b in find_breaks(ct, labels, (1.0, 1.0, 1.0), oracle(), FLOAT32).breaks if b.connected]
+        mask = np.zeros(shape, dtype=bool)
+        mask[tuple(bridge.bridge_zyx.T)] = True
+        return mask
+
+    bulge = y >= 21  # 3 voxels and more beyond the lumen wall
+    with monkeypatch.context() as patch:
+        patch.setattr(connect, "BRIDGE_SLACK_VOXELS", np.inf)
+        whole = bridge_mask()
+    assert (whole & bulge).sum() > 20  # the network's bridge bulges off the gap...
+    kept = bridge_mask()
+    assert kept[gap].all() and not (kept & bulge).any()  # ...the kept one follows it
+    assert kept.sum() < whole.sum() and kept[gap].sum() >= 0.5 * kept.sum()  # half lumen or more: not a false bridge
+    prediction = find_breaks(ct, labels, (1.0, 1.0, 1.0), oracle(), FLOAT32)
+    merged = merge_breaks(labels, prediction, (1.0, 1.0, 1.0))
+    assert cc3d.connected_components(merged > 0, connectivity=26, return_N=True)[1] == 1
 
 
 def test_each_bridge_belongs_to_the_break_of_its_own_gap():
