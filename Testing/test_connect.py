@@ -12,13 +12,14 @@ import torch
 
 from AirwayRefineLib import connect
 from AirwayRefineLib.attention import blob_labels, breakage_attention, find_attention_blobs
-from AirwayRefineLib.breakage import simulate_breakage
+from AirwayRefineLib.breakage import harvest_real_breaks, simulate_breakage
 from AirwayRefineLib.connect import Break, BreakPrediction, find_breaks, merge_breaks
 from AirwayRefineLib.connect_training import (
     CONNECTION_INPUT_SPEC,
     ConnectionPatches,
     ConnectionTask,
     lumen_oracle,
+    real_examples,
     reconnection_metrics,
     simulated_examples,
 )
@@ -478,3 +479,15 @@ def test_a_bridge_between_pieces_outside_the_tree_is_not_reported_merged():
     refined, merged_ids, components = merge_selected(Volume(labels, geometry), prediction, [1, 1])
     assert merged_ids == [] and components == 2
     assert np.array_equal(refined.array_zyx > 0, labels == 1)
+
+
+def test_real_break_centres_add_a_patch_centre_at_every_real_break(phantom):
+    volume, tree = phantom
+    simulation = simulate_breakage(volume.labels3, volume.spacing_zyx, np.random.default_rng(6), tree=tree)
+    predicted = simulation.broken_zyx  # a "stage-1 output" with known real breaks
+    plain = real_examples(volume, predicted, connection_config().connection)
+    centred = real_examples(volume, predicted, connection_config(connection={"real_break_centres": True}).connection)
+    harvested = harvest_real_breaks(predicted, volume.labels3 > 0, volume.spacing_zyx)
+    assert len(harvested.breaks) >= 2 and np.array_equal(centred.target_zyx, plain.target_zyx)
+    assert [b.centre_zyx for b in centred.blobs] == [b.centre_zyx for b in plain.blobs] + [b.centre_zyx for b in harvested.breaks]
+    assert all(centred.target_zyx[b.centre_zyx] for b in harvested.breaks)  # the patch centre is in the gap

@@ -15,7 +15,8 @@ the validation are here.
   (:func:`~AirwayRefineLib.breakage.harvest_real_breaks`) are the target and the attention
   of that prediction the input.  Every blob of that attention is a patch centre, including
   blobs between false-positive pieces where the target is empty: they teach the network
-  where not to bridge.  ``connection.real_break_share`` of the patches come from them.
+  where not to bridge.  ``connection.real_break_share`` of the patches come from them.  With
+  ``connection.real_break_centres`` each real break's narrowest voxel is a centre too.
 * **Loss mask**: the voxels of the broken (or predicted) mask are left out of the Dice + CE
   loss.  The merge only ever adds voxels outside that mask, so the network's output there is
   never used, and neither input channel shows where the mask ends (the lumen of a kept piece
@@ -108,7 +109,11 @@ def real_examples(volume: TrainingVolume, predicted_zyx: np.ndarray, connection:
     predicted = predicted_zyx > 0
     harvested = harvest_real_breaks(predicted, volume.labels3 > 0, volume.spacing_zyx)
     attention = breakage_attention(predicted, volume.spacing_zyx, alpha_mm=connection.alpha_mm)
-    return BreakExamples(attention.astype(np.float16), harvested.target_zyx, predicted, find_attention_blobs(attention, BLOB_THRESHOLD))
+    blobs = find_attention_blobs(attention, BLOB_THRESHOLD)
+    if connection.real_break_centres:
+        # One more centre per real break (ConnectionConfig.real_break_centres); only the centre is read.
+        blobs += [AttentionBlob(real.centre_zyx, 0, float(attention[real.centre_zyx])) for real in harvested.breaks]
+    return BreakExamples(attention.astype(np.float16), harvested.target_zyx, predicted, blobs)
 
 
 class ConnectionPatches(IterableDataset):

@@ -374,6 +374,10 @@ class ConnectionConfig:
         centroid leaves a thin branch's few-voxel gap near the patch edge, where the loss
         barely sees it; centring on every break trains those gaps as often as wide ones.
         DeepTree names only blob centres; this is our choice (off by default).
+    real_break_centres : bool
+        Also centre patches on each real break of the stage-1 output (its narrowest gap
+        voxel), alongside the blobs of that output's attention: the same reason as
+        ``break_centres``, for the hard examples (ours, off by default).
     validation_simulations : int
         Fixed simulations per validation volume scored every epoch.
     """
@@ -385,6 +389,7 @@ class ConnectionConfig:
     max_shift_zyx: tuple[int, int, int] = (16, 16, 16)
     alpha_mm: float = 5.0
     break_centres: bool = False
+    real_break_centres: bool = False
     validation_simulations: int = 1
 
     def __post_init__(self) -> None:
