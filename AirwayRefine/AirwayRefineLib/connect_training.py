@@ -88,6 +88,11 @@ class BreakExamples:
     blobs: list[AttentionBlob]
 
 
+def _centres(attention: np.ndarray, centres_zyx: list[tuple[int, int, int]]) -> list[AttentionBlob]:
+    """One more patch centre per break (``break_centres``, ``real_break_centres``); only the centre is read."""
+    return [AttentionBlob(centre, 0, float(attention[centre])) for centre in centres_zyx]
+
+
 def simulated_examples(
     volume: TrainingVolume, tree: AirwayTree, rng: np.random.Generator, connection: ConnectionConfig
 ) -> tuple[BreakExamples, BreakageSimulation]:
@@ -99,8 +104,7 @@ def simulated_examples(
     attention = breakage_attention(broken, volume.spacing_zyx, alpha_mm=connection.alpha_mm)
     blobs = find_attention_blobs(attention, BLOB_THRESHOLD)
     if connection.break_centres:
-        # One more centre per break (ConnectionConfig.break_centres); only the centre is read.
-        blobs += [AttentionBlob(simulated.centre_zyx, 0, float(attention[simulated.centre_zyx])) for simulated in simulation.breaks]
+        blobs += _centres(attention, [simulated.centre_zyx for simulated in simulation.breaks])
     return BreakExamples(attention.astype(np.float16), simulation.target_zyx, broken, blobs), simulation
 
 
@@ -111,8 +115,7 @@ def real_examples(volume: TrainingVolume, predicted_zyx: np.ndarray, connection:
     attention = breakage_attention(predicted, volume.spacing_zyx, alpha_mm=connection.alpha_mm)
     blobs = find_attention_blobs(attention, BLOB_THRESHOLD)
     if connection.real_break_centres:
-        # One more centre per real break (ConnectionConfig.real_break_centres); only the centre is read.
-        blobs += [AttentionBlob(real.centre_zyx, 0, float(attention[real.centre_zyx])) for real in harvested.breaks]
+        blobs += _centres(attention, [real.centre_zyx for real in harvested.breaks])
     return BreakExamples(attention.astype(np.float16), harvested.target_zyx, predicted, blobs)
 
 
