@@ -288,13 +288,14 @@ def _propagate(
     cut |= airway & ~distal_part & touching
 
     # What is left must be the trachea's piece plus one piece per break: the one holding the
-    # distal tip (the last skeleton voxel left in the airway; the skeleton of the filled mask
-    # may cross a filled hole).
+    # distal tip.  Each is found from the skeleton voxel nearest the trachea's top, or the
+    # branch's tip, that lies in what is left (the skeleton of the filled mask may cross a
+    # filled hole, outside the airway).
     pieces = cc3d.connected_components(airway & ~cut, connectivity=connectivity)
-    anchors = [tree.branches[0].skeleton_zyx[::-1]] + [distal_skeleton for _, distal_skeleton in runs]
+    ends_last = [tree.branches[0].skeleton_zyx[::-1]] + [distal_skeleton for _, distal_skeleton in runs]
     anchored = {0}
-    for voxels in anchors:
-        labels = pieces[tuple((voxels - offset).T)]
+    for skeleton in ends_last:
+        labels = pieces[tuple((skeleton - offset).T)]
         labels = labels[labels > 0]
         anchored.add(int(labels[-1]) if len(labels) else 0)
     fragments = (pieces > 0) & ~np.isin(pieces, list(anchored))
