@@ -7,6 +7,8 @@ windows, overlap 0.25) and scored in ATM'22 mode (TD, BD, precision, DSC, class-
 same run in float32 gives the Dice of the fast path against float32.  With ``--nnunet-way``
 the same network also runs the way nnU-Net runs a model (training-size windows, tile step 0.5,
 Gaussian blending, mirroring over three axes, float32) for the comparison of issue 8.
+``--split validation`` scores the validation phantoms instead, for choosing a setting such as
+``--threshold`` (the airway threshold of stage 1) without looking at the test phantoms.
 
 ``--real`` segments ``../shared/data/realct/lidc-idri-0314/ct.nii.gz`` and checks it against
 the region-growing lower-bound mask beside it: the share of that mask inside the prediction
@@ -15,7 +17,8 @@ projection with the prediction and a 3-D surface view of the predicted tree.
 
 Run::
 
-    python benchmarks/stage1_accuracy.py [--model NAME_OR_PATH] [--phantoms 6] [--nnunet-way] [--real] [--figure out.png]
+    python benchmarks/stage1_accuracy.py [--model NAME_OR_PATH] [--phantoms 6] [--split test|validation]
+        [--threshold 0.5] [--nnunet-way] [--real] [--figure out.png]
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from AirwaySegmentationLib.data import phantom_seeds
 from AirwaySegmentationLib.inference_settings import InferenceSettings
 from AirwaySegmentationLib.metrics import evaluate_airway
 from AirwaySegmentationLib.phantom import PHANTOM_VARIANTS, generate_phantom
+from AirwaySegmentationLib.infer import AIRWAY_THRESHOLD
 from AirwaySegmentationLib.segment import load_segmentation_model, segment_ct
 from AirwaySegmentationLib.tree import parse_airway_tree
 from AirwaySegmentationLib.volume import read_ct, read_label
@@ -56,19 +60,20 @@ def _score(labels: np.ndarray, truth: np.ndarray, spacing_zyx) -> dict:
     }
 
 
-def phantoms(model, count: int, shape_zyx: tuple[int, int, int], nnunet_way: bool) -> None:
+def phantoms(model, count: int, shape_zyx: tuple[int, int, int], nnunet_way: bool, split: str = "test",
+             threshold: float = AIRWAY_THRESHOLD) -> None:
     """Print per-phantom and mean metrics, fast path vs float32, and optionally the nnU-Net way."""
     rows = []
     print(f"{'phantom':<26} {'TD':>6} {'BD':>6} {'prec':>6} {'DSC':>6} {'c1 Dice':>7} {'s':>5} {'bf16~fp32':>9}"
           + (f" | {'nnU-Net way: TD':>15} {'BD':>6} {'prec':>6} {'DSC':>6} {'s':>5}" if nnunet_way else ""))
-    for i, seed in enumerate(phantom_seeds("test", count)):
+    for i, seed in enumerate(phantom_seeds(split, count)):
         variant = list(PHANTOM_VARIANTS)[i % len(PHANTOM_VARIANTS)]
         phantom = generate_phantom(seed, shape_zyx, variant=variant)
         ct, truth = phantom.ct, phantom.airway3.array_zyx
         start = time.perf_counter()
-        ours = segment_ct(ct.array_zyx, ct.geometry, model).labels.array_zyx
+        ours = segment_ct(ct.array_zyx, ct.geometry, model, threshold=threshold).labels.array_zyx
         seconds = time.perf_counter() - start
-        full = segment_ct(ct.array_zyx, ct.geometry, model, FLOAT32).labels.array_zyx
+        full = segment_ct(ct.array_zyx, ct.geometry, model, FLOAT32, threshold=threshold).labels.array_zyx
         row = {**_score(ours, truth, ct.spacing_zyx), "seconds": seconds, "fp32_dice": _dice(ours > 0, full > 0)}
         line = (f"{variant + ' ' + str(seed):<26} {row['td']:>6.2f} {row['bd']:>6.2f} {row['precision']:>6.2f} "
                 f"{row['dsc']:>6.2f} {row['class1_dice']:>7.2f} {seconds:>5.1f} {row['fp32_dice'] / 100:>9.4f}")
@@ -161,6 +166,9 @@ def main() -> None:
     parser.add_argument("--phantoms", type=int, default=6)
     parser.add_argument("--shape", type=int, nargs=3, default=(160, 192, 192), metavar=("Z", "Y", "X"),
                         help="phantom grid (default: the training configs' grid)")
+    parser.add_argument("--split", choices=("test", "validation"), default="test",
+                        help="phantom split: the held-out test phantoms, or the validation ones (for choosing settings)")
+    parser.add_argument("--threshold", type=float, default=AIRWAY_THRESHOLD, help="airway threshold of stage 1")
     parser.add_argument("--nnunet-way", action="store_true", help="also run the network the nnU-Net way")
     parser.add_argument("--real", action="store_true", help="also check the real scan")
     parser.add_argument("--figure", type=Path, default=None, help="PNG of the real-scan result")
@@ -168,7 +176,7 @@ def main() -> None:
     model = load_segmentation_model(args.model)
     print(f"model: {model.source} ({model.card.get('architecture')})")
     if args.phantoms:
-        phantoms(model, args.phantoms, tuple(args.shape), args.nnunet_way)
+        phantoms(model, args.phantoms, tuple(args.shape), args.nnunet_way, args.split, args.threshold)
     if args.real:
         real_scan(model, args.figure)
 
