@@ -16,12 +16,16 @@ Three measurements:
    *ceiling* is what a perfect stage 2 would reach: every real break of the stage-1 output
    (:func:`~AirwayRefineLib.breakage.harvest_real_breaks`, gaps up to 10 mm) filled with its
    ground truth, then the largest component.
+``--split validation`` runs measurements 1 and 2 on the validation phantoms instead, for
+choosing a setting without looking at the held-out ones.
+
 3. **Speed** (``--timing``): the whole of stage 2 (attention, patches, network, merge) on the
    stage-1 output of a 512 x 512 x 400 phantom (target <= 20 s on 2 CPU cores).
 
 Run::
 
-    python benchmarks/stage2_accuracy.py [--model NAME_OR_PATH] [--stage1 NAME_OR_PATH] [--phantoms 6] [--timing]
+    python benchmarks/stage2_accuracy.py [--model NAME_OR_PATH] [--stage1 NAME_OR_PATH] [--phantoms 6]
+        [--split test|validation] [--timing]
 """
 
 from __future__ import annotations
@@ -57,13 +61,13 @@ def _verdict(value: float, sense: str, target: float) -> str:
     return f"{value:.2f} ({'meets' if ok else 'misses'} {sense} {target})"
 
 
-def held_out(model, stage1, count: int, shape_zyx: tuple[int, int, int]) -> None:
+def held_out(model, stage1, count: int, shape_zyx: tuple[int, int, int], split: str = "test") -> None:
     """Print measurements 1 and 2 per phantom and their means."""
     simulated, refined_rows = [], []
     print(f"{'phantom':<24} {'breaks':>6} {'reconn%':>7} {'bridges':>7} {'false%':>6} {'none%':>6} {'single':>6} | "
           f"{'stage-1 TD':>10} {'BD':>6} {'prec':>6} -> {'TD':>6} {'BD':>6} {'prec':>6} {'comp':>5} {'s':>5} | "
           f"{'ceiling TD':>10} {'BD':>6}")
-    for i, seed in enumerate(phantom_seeds("test", count)):
+    for i, seed in enumerate(phantom_seeds(split, count)):
         variant = list(PHANTOM_VARIANTS)[i % len(PHANTOM_VARIANTS)]
         phantom = generate_phantom(seed, shape_zyx, variant=variant)
         ct, truth = phantom.ct, phantom.airway3.array_zyx
@@ -124,12 +128,14 @@ def main() -> None:
     parser.add_argument("--stage1", default=None, help="stage-1 model (default: the bundled default)")
     parser.add_argument("--phantoms", type=int, default=6)
     parser.add_argument("--shape", type=int, nargs=3, default=(160, 192, 192), metavar=("Z", "Y", "X"))
+    parser.add_argument("--split", choices=("test", "validation"), default="test",
+                        help="phantom split: the held-out test phantoms, or the validation ones (for choosing settings)")
     parser.add_argument("--timing", action="store_true", help="also time stage 2 on a 512x512x400 phantom")
     args = parser.parse_args()
     model = load_connection_model(args.model)
     stage1 = load_segmentation_model(args.stage1)
     if args.phantoms:
-        held_out(model, stage1, args.phantoms, tuple(args.shape))
+        held_out(model, stage1, args.phantoms, tuple(args.shape), args.split)
     if args.timing:
         timing(model, stage1)
 
