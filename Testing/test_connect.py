@@ -167,37 +167,6 @@ def test_blob_labels_name_each_blob():
         assert (numbered == blob.label).sum() == blob.size_voxels
 
 
-def test_a_long_blob_is_split_into_parts_that_fit_a_patch():
-    # Eighteen 2-voxel gaps 6 voxels apart along a tube: one blob of attention about 110
-    # voxels long, and a 32^3 patch at its centre sees only the middle gaps.
-    shape = (32, 32, 128)
-    z, y, x = np.indices(shape)
-    lumen = ((z - 16) ** 2 + (y - 16) ** 2 <= 4) & (x >= 4) & (x < 124)
-    gaps = lumen & (x >= 10) & (x < 118) & ((x - 10) % 6 < 2)
-    labels = (lumen & ~gaps).astype(np.uint8)
-    ct = np.where(lumen, -1000, -850).astype(np.int16)
-    attention = breakage_attention(labels > 0, (1.0, 1.0, 1.0))
-    whole, count = blob_labels(attention)
-    assert count == 1
-    parts, n_parts = blob_labels(attention, max_extent_zyx=(16, 16, 16))
-    assert n_parts > 1 and np.array_equal(parts > 0, whole > 0)  # the same voxels, in parts...
-    for part in range(1, n_parts + 1):
-        voxels = np.argwhere(parts == part)
-        assert len(voxels) and (np.ptp(voxels, axis=0) < 16).all()  # ...each one inside a 16^3 cell
-    with pytest.raises(AirwayInputError, match="three positive voxel counts"):
-        blob_labels(attention, max_extent_zyx=(16, 0, 16))
-
-    def components_after_merge() -> int:
-        prediction = find_breaks(ct, labels, (1.0, 1.0, 1.0), oracle(), FLOAT32)
-        merged = merge_breaks(labels, prediction, (1.0, 1.0, 1.0), keep_largest_component=False)
-        return cc3d.connected_components(merged > 0, connectivity=26, return_N=True)[1]
-
-    with pytest.MonkeyPatch.context() as patch:  # one patch for the whole blob
-        patch.setattr(connect, "blob_labels", lambda a, t, connectivity, max_extent_zyx: blob_labels(a, t, connectivity))
-        assert components_after_merge() > 1
-    assert components_after_merge() == 1  # a patch for each part: every gap bridged
-
-
 def oblique_geometry() -> Geometry:
     c, s = np.cos(0.3), np.sin(0.3)
     direction = (c, -s, 0.0, s, c, 0.0, 0.0, 0.0, -1.0)

@@ -243,43 +243,11 @@ def find_attention_blobs(
     return sorted(blobs, key=lambda b: (-b.peak, -b.size_voxels))
 
 
-def blob_labels(
-    attention_zyx: np.ndarray,
-    threshold: float = 0.5,
-    connectivity: int = 26,
-    max_extent_zyx: Sequence[int] | None = None,
-) -> tuple[np.ndarray, int]:
-    """The blobs of ``attention > threshold`` as a label volume (``AttentionBlob.label``) and their count.
-
-    With ``max_extent_zyx``, a blob whose bounding box is longer than that along an axis is
-    split into the parts that fall in the cells of a grid of that cell size laid from the
-    corner of its box, each part a blob of its own (ours, not DeepTree's).  Where several
-    breaks lie close together their blobs merge into one that a single patch at its centre
-    cannot cover (on the held-out phantoms some simulated gaps were 20 voxels and more from
-    the centre of their blob, at the edge of its 64^3 patch or beyond); half the patch size
-    keeps every part, and a margin round it, inside the patch at the part's centre.
-    """
+def blob_labels(attention_zyx: np.ndarray, threshold: float = 0.5, connectivity: int = 26) -> tuple[np.ndarray, int]:
+    """The blobs of ``attention > threshold`` as a label volume (``AttentionBlob.label``) and their count."""
     check_connectivity(connectivity)
     labels, count = cc3d.connected_components(np.asarray(attention_zyx) > threshold, connectivity=connectivity, return_N=True)
-    if max_extent_zyx is None or count == 0:
-        return labels, int(count)
-    cell = np.asarray(max_extent_zyx, dtype=np.int64)
-    if cell.shape != (3,) or (cell < 1).any():
-        raise AirwayInputError(f"A blob's largest extent must be three positive voxel counts, not {max_extent_zyx}.")
-    boxes = cc3d.statistics(labels)["bounding_boxes"]
-    split = np.zeros(labels.shape, dtype=np.uint32)
-    total = 0
-    for label in range(1, count + 1):
-        box = boxes[label]
-        start = np.array([axis.start for axis in box])
-        voxels = np.argwhere(labels[box] == label)
-        if ((voxels.max(axis=0) + 1) <= cell).all():
-            cells = np.zeros(len(voxels), dtype=np.int64)
-        else:
-            cells = np.unique(voxels // cell, axis=0, return_inverse=True)[1].ravel()
-        split[tuple((voxels + start).T)] = total + 1 + cells
-        total += int(cells.max()) + 1
-    return split, total
+    return labels, int(count)
 
 
 def _nearest_two_in_region(

@@ -12,11 +12,6 @@ only merges again.
 
 Choices where the paper is silent (each also said where it is made):
 
-* *Large blobs*: breaks close together share one blob of attention, which can be longer
-  than a patch.  A blob longer than half the patch size along an axis is split into the parts
-  that fall in the cells of a grid of that size (:func:`~AirwayRefineLib.attention.blob_labels`);
-  each part is a break of its own, with a patch at its attention-weighted centre.
-
 * A *bridge* is a 26-connected piece of predicted breakage voxels (probability > 0.5, outside
   the stage-1 mask) that touches at least two different stage-1 components; predicted voxels
   that touch one component or none join nothing and are dropped.  A patch sees more than its
@@ -251,13 +246,12 @@ def find_breaks(
     report(progress, 0.0, f"Breakage attention of {count} components")
     attention = breakage_attention(mask, spacing, alpha_mm=alpha, connectivity=connectivity,
                                    progress=sub_progress(progress, 0.0, 0.3))
-    size = np.asarray(loaded.patch_size_zyx)
-    # A blob longer than half a patch is split into parts that each fit one (module docstring).
-    numbered = blob_labels(attention, BLOB_THRESHOLD, connectivity=26, max_extent_zyx=tuple(size // 2))
+    numbered = blob_labels(attention, BLOB_THRESHOLD, connectivity=26)
     blobs = find_attention_blobs(attention, BLOB_THRESHOLD, connectivity=26, labels=numbered)
     if not blobs:
         report(progress, 1.0, "No breaks found")
         return BreakPrediction(attention, int(count), [])
+    size = np.asarray(loaded.patch_size_zyx)
     blobs_zyx = numbered[0]
     patches = np.empty((len(blobs), loaded.spec.n_channels + 1, *size), dtype=np.float32)
     for patch, blob in zip(patches, blobs):
