@@ -30,10 +30,10 @@ from pathlib import Path
 import numpy as np
 
 from AirwaySegmentationLib.data import phantom_seeds
+from AirwaySegmentationLib.infer import AIRWAY_THRESHOLD
 from AirwaySegmentationLib.inference_settings import InferenceSettings
 from AirwaySegmentationLib.metrics import evaluate_airway
 from AirwaySegmentationLib.phantom import PHANTOM_VARIANTS, generate_phantom
-from AirwaySegmentationLib.infer import AIRWAY_THRESHOLD
 from AirwaySegmentationLib.segment import load_segmentation_model, segment_ct
 from AirwaySegmentationLib.tree import parse_airway_tree
 from AirwaySegmentationLib.volume import read_ct, read_label

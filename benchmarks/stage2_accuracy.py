@@ -16,11 +16,11 @@ Three measurements:
    *ceiling* is what a perfect stage 2 would reach: every real break of the stage-1 output
    (:func:`~AirwayRefineLib.breakage.harvest_real_breaks`, gaps up to 10 mm) filled with its
    ground truth, then the largest component.
-``--split validation`` runs measurements 1 and 2 on the validation phantoms instead, for
-choosing a setting without looking at the held-out ones.
-
 3. **Speed** (``--timing``): the whole of stage 2 (attention, patches, network, merge) on the
    stage-1 output of a 512 x 512 x 400 phantom (target <= 20 s on 2 CPU cores).
+
+``--split validation`` runs measurements 1 and 2 on the validation phantoms instead, for
+choosing a setting without looking at the held-out ones.
 
 Run::
 
