@@ -287,6 +287,7 @@ class ConnectionTask(TrainingTask):
         self.train_volumes, validation_volumes = load_training_volumes(config.data, progress)
         count = len(self.train_volumes)
         # Parsing and harvesting run in config.data.load_workers processes while this one predicts.
+        report(progress, 0.0, f"Parsing {count} training trees")
         with loading_pool(min(config.data.load_workers, count)) as defer:
             trees = [defer(parse_airway_tree, v.labels3 > 0, v.spacing_zyx, connectivity=26) for v in self.train_volumes]
             real = [None] * count
@@ -296,7 +297,6 @@ class ConnectionTask(TrainingTask):
                     report(progress, index / count, f"Real breaks of {volume.name} ({index + 1}/{count})")
                     predicted = segment_ct(volume.ct.array_zyx, volume.ct.geometry, stage1, keep_largest_component=False).labels.array_zyx
                     real[index] = defer(real_examples, volume, predicted, connection)
-            report(progress, 0.0, f"Parsing {count} training trees")
             self.trees = [tree() for tree in trees]
             self.real = [None if examples is None else examples() for examples in real]
         if runtime.is_main:
