@@ -336,7 +336,6 @@ def _read_patch(
     size = np.asarray(probability_zyx.shape)
     start_zyx = np.asarray(blob.centre_zyx) - size // 2
     comp = crop_padded(components, blob.centre_zyx, size, 0)
-    hu = crop_padded(hu_zyx, blob.centre_zyx, size, PAD_HU)
     in_blob = crop_padded(blobs_zyx, blob.centre_zyx, size, 0) == blob.label
     peak = _gap_point(np.where(in_blob, crop_padded(attention, blob.centre_zyx, size, 0.0), -1.0))
     # The two components nearest the gap point (module docstring): distances from it to every
@@ -360,6 +359,7 @@ def _read_patch(
     touching = _touched_components(pieces, n_pieces, comp) if n_pieces else {}
     joining = {piece: touched for piece, touched in touching.items() if len(touched) >= 2}
     if joining:
+        hu = crop_padded(hu_zyx, blob.centre_zyx, size, PAD_HU)  # only the bridges need the CT here
         # One pass over the patch for all joining pieces, then each piece's voxels inside the volume.
         local_all = np.argwhere(np.isin(pieces, list(joining)))
         global_all = local_all + start_zyx
