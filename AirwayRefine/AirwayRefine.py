@@ -254,6 +254,8 @@ class AirwayRefineWidget(BackgroundTaskWidget):
             for column, text in enumerate(values):
                 item = qt.QTableWidgetItem(text)
                 item.setFlags(qt.Qt.ItemIsSelectable | qt.Qt.ItemIsEnabled)
+                if refinement.breaks[row].get("rejected"):  # why the widening guard refused (part of) its bridge
+                    item.setToolTip(refinement.breaks[row]["rejected"])
                 table.setItem(row, column, item)
         table.blockSignals(wasBlocked)
         if refinement is not None:
@@ -332,7 +334,7 @@ def breakTableRows(breaks: list) -> list:
             str(record["id"]),
             "-" if gap is None else f"{gap:.1f}",  # None: the pieces lie beyond the patch
             f"{record['confidence']:.2f}",
-            _("yes") if record["connected"] else _("no"),
+            _("yes") if record["connected"] else (_("refused") if record.get("rejected") else _("no")),
             _("yes") if record["merged"] else _("no"),
             " / ".join(str(voxels) for voxels in record["component_voxels"]),
         ])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import cc3d
 import numpy as np
@@ -174,6 +175,53 @@ def test_each_bridge_belongs_to_the_break_of_its_own_gap():
         assert gap[holding[0].point_zyx]  # the break's own gap point
     merged = merge_breaks(labels, prediction, (1.0, 1.0, 1.0))
     assert np.array_equal(merged > 0, lumen)
+
+
+def widening_case(distal: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """A wide airway (radius 4) narrowing to a thin branch (radius 1) with a 4-voxel gap, and
+    beyond the gap a ``"tube"`` continuing the branch, a dark ``"blob"`` of radius 6, or a
+    ``"chain"``: an 8-voxel piece of the branch, a second 4-voxel gap, then the blob.  CT,
+    labels, the gap next to the tree and the piece beyond the last gap."""
+    shape = (40, 40, 96)
+    z, y, x = np.indices(shape)
+    axis = (z - 20) ** 2 + (y - 20) ** 2
+    wide = (axis <= 16) & (x >= 4) & (x < 30)
+    branch = (axis <= 1) & (x >= 30) & (x < 70)
+    gap = branch & (x >= 44) & (x < 48)
+    fragment = np.zeros(shape, dtype=bool)
+    if distal == "tube":
+        piece = branch & (x >= 48)
+    elif distal == "blob":
+        piece = (branch & (x >= 48) & (x < 52)) | (axis + (x - 57) ** 2 <= 36)
+    else:
+        fragment = branch & (x >= 48) & (x < 56)
+        piece = (branch & (x >= 60) & (x < 64)) | (axis + (x - 69) ** 2 <= 36)
+    ct = np.where(wide | branch | piece, -1000, -850).astype(np.int16)
+    labels = ((wide | branch) & (x < 44) | fragment | piece).astype(np.uint8)
+    return ct, labels, gap, piece
+
+
+@pytest.mark.parametrize("distal", ["tube", "blob", "chain"])
+def test_a_bridge_that_would_hang_a_region_wider_than_its_airway_is_refused(distal):
+    ct, labels, gap, piece = widening_case(distal)
+    prediction = find_breaks(ct, labels, (1.0, 1.0, 1.0), oracle(), FLOAT32)
+    merged = merge_breaks(labels, prediction, (1.0, 1.0, 1.0))
+    if distal == "chain":  # the first gap is bridged (the fragment is a branch), the blob beyond it is not
+        first = next(b for b in prediction.breaks if gap[tuple(b.bridge_zyx.T)].any())
+        assert first.connected and not first.rejected
+        (only,) = [b for b in prediction.breaks if b is not first]
+    else:
+        (only,) = prediction.breaks
+    if distal == "tube":  # a branch as wide as the one it leaves: bridged
+        assert only.connected and not only.rejected and gap[tuple(only.bridge_zyx.T)].all()
+        assert merged[piece].all()
+    else:  # a region of radius 6 off a branch of radius 1: refused, and dropped with the largest component
+        assert not only.connected and len(only.bridge_zyx) == 0 and only.joined == ()
+        # Radii are distance-transform maxima: to the nearest voxel centre outside.
+        assert re.search(r"radius up to 6\.\d mm\) off an airway of radius 1\.\d mm", only.rejected)
+        assert only.confidence > 0.95  # the network's bridge was there
+        assert not merged[piece].any() and merged[gap].all() == (distal == "chain")
+        assert only.record(Geometry())["rejected"] == only.rejected
 
 
 def test_merging_a_chosen_subset_and_refusing_impossible_choices():

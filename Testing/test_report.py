@@ -241,3 +241,10 @@ def test_inputs_are_checked(case, tmp_path):
     with pytest.raises(AirwayInputError, match="outside"):
         write_report(tmp_path, **{**case, "breaks": outside})
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_break_whose_bridge_was_refused_says_so(case):
+    record = {**case["breaks"][1], "rejected": "it would hang component 7 (lumen radius up to 5.0 mm) off an airway of radius 1.0 mm"}
+    assert report._break_cells(record)[3] == "refused"
+    assert report._break_cells(case["breaks"][1])[3] == "no"  # not bridged, nothing refused (older breaks.json: no key)
+    assert report._break_cells({**record, "connected": True})[3] == "yes"  # a piece refused, the rest bridged

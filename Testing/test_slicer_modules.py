@@ -656,9 +656,11 @@ def test_break_table_rows(refine_module) -> None:
     record = {"id": 4, "gap_mm": None, "confidence": 0.31234, "connected": False, "merged": False,
               "component_voxels": [5120, 37], "position_lps_mm": [1.0, 2.0, 3.0]}
     bridged = {**record, "id": 5, "gap_mm": 6.04, "confidence": 0.98, "connected": True, "merged": True}
-    assert refine_module.breakTableRows([record, bridged]) == [
+    refused = {**record, "id": 6, "gap_mm": 2.5, "confidence": 0.91, "rejected": "it would hang component 2 ..."}
+    assert refine_module.breakTableRows([record, bridged, refused]) == [
         ["4", "-", "0.31", "no", "no", "5120 / 37"],  # NaN gap: the second piece lies beyond the patch
         ["5", "6.0", "0.98", "yes", "yes", "5120 / 37"],
+        ["6", "2.5", "0.91", "refused", "no", "5120 / 37"],  # the widening guard refused its bridge
     ]
 
 

@@ -6,7 +6,8 @@ Three measurements:
    gets a breakage simulation of its ground truth (DeepTree 2.3: 50 % of the leaves, 10-30 %
    of each one's skeleton); stage 2 (``find_breaks`` + ``merge_breaks``, the product's code)
    runs on the broken label and :func:`~AirwayRefineLib.connect_training.reconnection_metrics`
-   scores it: breaks reconnected (target >= 85 %), false bridges (<= 5 %; a bridge with under
+   scores it (the last column counts the bridges the widening guard refused here / on the
+   stage-1 output): breaks reconnected (target >= 85 %), false bridges (<= 5 %; a bridge with under
    half its voxels in the ground truth, so one through the true gap but wider than a thin
    lumen counts), single component (>= 80 % of cases), and, not a target, bridges with no
    voxel in the ground truth at all (the issue's "a bridge where the ground truth has none").
@@ -56,6 +57,11 @@ def _atm22(labels: np.ndarray, truth: np.ndarray, spacing_zyx, tree) -> dict:
     return {"td": metrics.td, "bd": metrics.bd, "precision": metrics.precision}
 
 
+def _refused(prediction) -> int:
+    """Bridges the widening guard refused (``connect.py``, "Widening guard")."""
+    return sum(bool(b.rejected) for b in prediction.breaks)
+
+
 def _verdict(value: float, sense: str, target: float) -> str:
     ok = value >= target if sense == ">=" else value <= target
     return f"{value:.2f} ({'meets' if ok else 'misses'} {sense} {target})"
@@ -66,7 +72,7 @@ def held_out(model, stage1, count: int, shape_zyx: tuple[int, int, int], split: 
     simulated, refined_rows = [], []
     print(f"{'phantom':<24} {'breaks':>6} {'reconn%':>7} {'bridges':>7} {'false%':>6} {'none%':>6} {'single':>6} | "
           f"{'stage-1 TD':>10} {'BD':>6} {'prec':>6} -> {'TD':>6} {'BD':>6} {'prec':>6} {'comp':>5} {'s':>5} | "
-          f"{'ceiling TD':>10} {'BD':>6}")
+          f"{'ceiling TD':>10} {'BD':>6} | refused")
     for i, seed in enumerate(phantom_seeds(split, count)):
         variant = list(PHANTOM_VARIANTS)[i % len(PHANTOM_VARIANTS)]
         phantom = generate_phantom(seed, shape_zyx, variant=variant)
@@ -95,7 +101,8 @@ def held_out(model, stage1, count: int, shape_zyx: tuple[int, int, int], split: 
         print(f"{variant + ' ' + str(seed):<24} {row['breaks']:>6.0f} {row['reconnected']:>7.1f} {row['bridges']:>7.0f} "
               f"{row['false_bridges']:>6.1f} {row['bridges_without_truth']:>6.1f} {row['single_component']:>6.0f} | {before['td']:>10.2f} {before['bd']:>6.2f} "
               f"{before['precision']:>6.2f} -> {after['td']:>6.2f} {after['bd']:>6.2f} {after['precision']:>6.2f} "
-              f"{components:>5d} {seconds:>5.1f} | {ceiling['td']:>10.2f} {ceiling['bd']:>6.2f}", flush=True)
+              f"{components:>5d} {seconds:>5.1f} | {ceiling['td']:>10.2f} {ceiling['bd']:>6.2f} | "
+              f"{_refused(prediction)}/{_refused(result.prediction)}", flush=True)
     mean = {key: float(np.mean([row[key] for row in simulated])) for key in simulated[0]}
     print("simulated breaks (mean): " + "; ".join(
         f"{key} {_verdict(mean[key], sense, target)}" for key, (sense, target) in SIMULATED_TARGETS.items()

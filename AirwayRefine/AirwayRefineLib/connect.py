@@ -41,6 +41,21 @@ Choices where the paper is silent (each also said where it is made):
     piece to the other stays.
 
   Bridges touching three or more components are kept whole.
+* *Widening guard* (ours): airways narrow from the trachea outwards, so a bridge must not
+  hang a region off the tree that is much wider than the airway it hangs from.  Region
+  growing guards against leaks into the lung the same way, by refusing a step where the
+  segmented calibre suddenly grows.  Starting from the largest component (the stage-1 tree),
+  the bridges are followed outwards, piece by piece (a break's bridge may be several
+  predicted pieces): a piece that reaches from the tree (or from a component already hung
+  on it) to components whose widest lumen radius (distance transform maximum) is over
+  ``WIDENING_FACTOR`` times the radius of the airway it leaves, plus one voxel step, is
+  refused.  That radius is the one of the widest ball inside the airway that reaches the
+  bridge's contact with it (the lumen the bridge leaves, not the wider airway it may branch
+  from farther away).  A break keeps the pieces that were not refused and records why
+  any were (``rejected``); one left with none is not connected.  Bridges that the tree never
+  reaches are left as they are (the largest-component step drops what they join).  A stage-1 false-positive region in the lung, a blob several
+  millimetres wide, so cannot be joined to a peripheral bronchus through a chain of
+  fragments.
 * *Confidence*: the mean predicted probability over the bridge's voxels; for a break without
   a bridge, the highest probability its patch predicted outside the mask inside its blob
   (how close the network came to bridging it).
@@ -92,6 +107,12 @@ BRIDGE_SLACK_VOXELS = 1.0
 DARK_PATH_HU = 100.0
 #: Voxels around a bridge in which the lumen radius of the pieces it joins is measured.
 LUMEN_MARGIN_VOXELS = 6
+#: A bridge may hang pieces off the tree whose widest lumen radius is at most this many times
+#: that of the airway it leaves, plus one voxel step (module docstring, "Widening guard").
+WIDENING_FACTOR = 2.0
+#: The radius of the airway a bridge leaves is measured exactly up to this radius (the box
+#: around the bridge in which it is measured reaches this much further).
+RADIUS_REACH_MM = 10.0
 
 
 def connection_input(hu_zyx: np.ndarray, attention_zyx: np.ndarray, spec: InputSpec) -> np.ndarray:
@@ -158,6 +179,10 @@ class Break:
         Every component the bridge touches (empty without a bridge).
     bridge_zyx : numpy.ndarray
         (K, 3) int voxel indices the bridge adds.
+    rejected : str
+        Why the widening guard refused the network's bridge or a piece of it (module
+        docstring); empty when it did not.  A break whose every piece was refused is not
+        connected.
     """
 
     id: int
@@ -169,6 +194,7 @@ class Break:
     connected: bool
     joined: tuple[int, ...] = ()
     bridge_zyx: np.ndarray = field(default_factory=lambda: np.zeros((0, 3), dtype=np.int64), repr=False)
+    rejected: str = ""
 
     def record(self, geometry: Geometry) -> dict:
         """JSON-ready description; the position is the gap point in LPS millimetres."""
@@ -184,6 +210,7 @@ class Break:
             "connected": self.connected,
             "joined_components": list(self.joined),
             "bridge_voxels": int(len(self.bridge_zyx)),
+            "rejected": self.rejected or None,
         }
 
 
@@ -294,11 +321,14 @@ def find_breaks(
         for bridge in reading.bridges:
             peak = tuple(bridge.voxels_zyx[np.argmax(attention[tuple(bridge.voxels_zyx.T)])])
             owned[patch_of_blob.get(int(blobs_zyx[peak]), index)].append(bridge)
+    owned, reasons = _refuse_widening(owned, components, spacing)
     breaks = [
-        _make_break(index, reading, bridges, sizes)
-        for index, (reading, bridges) in enumerate(zip(readings, owned), start=1)
+        _make_break(index, reading, bridges, sizes, reason)
+        for index, (reading, bridges, reason) in enumerate(zip(readings, owned, reasons), start=1)
     ]
-    report(progress, 1.0, f"{sum(b.connected for b in breaks)} of {len(breaks)} breaks bridged")
+    refused = sum(bool(b.rejected) for b in breaks)
+    report(progress, 1.0, f"{sum(b.connected for b in breaks)} of {len(breaks)} breaks bridged"
+           + (f", {refused} refused as widening" if refused else ""))
     return BreakPrediction(attention, int(count), breaks)
 
 
@@ -419,7 +449,7 @@ def _lumen_tube(piece: np.ndarray, comp: np.ndarray, hu_zyx: np.ndarray, touched
     return kept
 
 
-def _make_break(index: int, reading: _PatchReading, bridges: list[_Bridge], sizes: np.ndarray) -> Break:
+def _make_break(index: int, reading: _PatchReading, bridges: list[_Bridge], sizes: np.ndarray, rejected: str) -> Break:
     """Break number ``index`` from its patch's reading and the bridges that belong to it (module docstring)."""
     first, second = reading.components
     if bridges:
@@ -431,8 +461,69 @@ def _make_break(index: int, reading: _PatchReading, bridges: list[_Bridge], size
     return Break(
         id=index, point_zyx=reading.point_zyx, gap_mm=reading.gap_mm, components=(first, second),
         component_voxels=(int(sizes[first]) if first else 0, int(sizes[second]) if second else 0),
-        confidence=confidence, connected=bool(bridges), joined=joined, bridge_zyx=voxels,
+        confidence=confidence, connected=bool(bridges), joined=joined, bridge_zyx=voxels, rejected=rejected,
     )
+
+
+def _refuse_widening(
+    owned: list[list[_Bridge]], components: np.ndarray, spacing: tuple[float, float, float]
+) -> tuple[list[list[_Bridge]], list[str]]:
+    """Each break's bridges without those that widen the tree, and why any were refused (module
+    docstring, "Widening guard"; an empty reason where none was)."""
+    reasons = ["" for _ in owned]
+    waiting = [(index, bridge) for index, bridges in enumerate(owned) for bridge in bridges]
+    if not waiting:
+        return owned, reasons
+    statistics = cc3d.statistics(components)
+    boxes = statistics["bounding_boxes"]
+    step = min(spacing)
+    widest: dict[int, float] = {}
+
+    def widest_radius(label: int) -> float:
+        if label not in widest:
+            inside = np.pad(components[boxes[label]] == label, 1)
+            widest[label] = float(ndimage.distance_transform_edt(inside, sampling=spacing).max())
+        return widest[label]
+
+    def airway_radius(label: int, bridge_zyx: np.ndarray) -> float:
+        # The widest ball inside the component that reaches the bridge: the component's
+        # distance transform in a box around the bridge (exact up to RADIUS_REACH_MM, beyond
+        # the box counts as outside), at voxels no farther from the contact than that radius.
+        reach = np.ceil(RADIUS_REACH_MM / np.asarray(spacing)).astype(int) + 1
+        low = np.maximum(bridge_zyx.min(axis=0) - reach, 0)
+        high = np.minimum(bridge_zyx.max(axis=0) + reach + 1, components.shape)
+        box = tuple(slice(a, b) for a, b in zip(low, high))
+        inside = components[box] == label
+        radius = ndimage.distance_transform_edt(np.pad(inside, 1), sampling=spacing)[1:-1, 1:-1, 1:-1]
+        bridge = np.zeros(inside.shape, dtype=bool)
+        bridge[tuple((bridge_zyx - low).T)] = True
+        contact = inside & ndimage.binary_dilation(bridge, np.ones((3, 3, 3), dtype=bool))
+        from_contact = ndimage.distance_transform_edt(~contact, sampling=spacing)
+        return float(radius[inside & (from_contact <= radius + step)].max())
+
+    tree = {int(np.argmax(statistics["voxel_counts"][1:])) + 1}
+    refused: set[int] = set()
+    while waiting:  # outwards from the tree, one ring of bridges at a time
+        unreached = []
+        for index, bridge in waiting:
+            leaves = [label for label in bridge.joined if label in tree]
+            if not leaves:
+                unreached.append((index, bridge))
+                continue
+            airway = max(airway_radius(label, bridge.voxels_zyx) for label in leaves)
+            hung = {label: widest_radius(label) for label in bridge.joined if label not in tree}
+            too_wide = {label: radius for label, radius in hung.items() if radius > WIDENING_FACTOR * airway + step}
+            if too_wide:
+                label, radius = max(too_wide.items(), key=lambda item: item[1])
+                refused.add(id(bridge))
+                reasons[index] = reasons[index] or (
+                    f"it would hang component {label} (lumen radius up to {radius:.1f} mm) off an airway of radius {airway:.1f} mm")
+            else:
+                tree.update(hung)
+        if len(unreached) == len(waiting):
+            break
+        waiting = unreached
+    return [[b for b in bridges if id(b) not in refused] for bridges in owned], reasons
 
 
 def _gap_point(attention_in_blob: np.ndarray) -> tuple[int, int, int]:

@@ -645,7 +645,8 @@ def _axial_slice(
         axes.set_ylim(min(posterior + half_rows, view.shape[1] - 0.5), max(posterior - half_rows, -0.5))
         axes.plot(left, posterior, marker="o", markersize=18, markerfacecolor="none",
                   markeredgecolor=_break_rgb(record), markeredgewidth=1.5)  # fmt: skip
-        state = "merged" if record["merged"] else ("bridged, not merged" if record["connected"] else "not bridged")
+        state = "merged" if record["merged"] else ("bridged, not merged" if record["connected"] else
+                                                   "bridge refused" if record.get("rejected") else "not bridged")
         axes.set_title(f"(c) break {record['id']}: gap {_format_value(record['gap_mm'])} mm, {state}",
                        fontsize=10)  # fmt: skip
     _orientation_letters(axes, "A", "P")
@@ -677,10 +678,12 @@ def _break_list(axes: Axes, breaks: list[dict]) -> None:
 
 
 def _break_cells(record: dict) -> list[str]:
-    """Id, gap (mm), confidence, connected and merged of one break, as shown in both tables."""
+    """Id, gap (mm), confidence, connected ("refused" where the widening guard refused its
+    whole bridge) and merged of one break, as shown in both tables."""
     return [
         str(record["id"]), _format_value(record["gap_mm"]), _format_value(float(record["confidence"])),
-        _format_value(bool(record["connected"])), _format_value(bool(record["merged"])),
+        "refused" if record.get("rejected") and not record["connected"] else _format_value(bool(record["connected"])),
+        _format_value(bool(record["merged"])),
     ]  # fmt: skip
 
 
