@@ -112,7 +112,7 @@ LUMEN_MARGIN_VOXELS = 6
 WIDENING_FACTOR = 2.0
 #: The radius of the airway a bridge leaves is measured exactly up to this radius (the box
 #: around the bridge in which it is measured reaches this much further).
-RADIUS_REACH_MM = 10.0
+RADIUS_REACH_MM = 6.0
 
 
 def connection_input(hu_zyx: np.ndarray, attention_zyx: np.ndarray, spec: InputSpec) -> np.ndarray:

@@ -342,8 +342,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="stage 2: find and connect the breaks of stage-1 labels",
         description="Compute the breakage attention of stage-1 labels (DeepTree: second-nearest component distance, "
         "sigmoid(5 - H)), predict a bridge at each break with the connection network (64^3 CT + attention "
-        "patches), merge the bridges and keep the largest component. Writes labels.nii.gz (refined), "
-        "attention.nii.gz and breaks.json (id, LPS position, gap, components, confidence, connected, merged). "
+        "patches), refuse bridges that would hang a region much wider than the airway they leave, merge the "
+        "bridges and keep the largest component. Writes labels.nii.gz (refined), attention.nii.gz and "
+        "breaks.json (id, LPS position, gap, components, confidence, connected, merged, rejected). "
         "Give labels with all their components (airway segment --all-components): a single component has no "
         "breaks. Python: AirwayRefineLib.refine.refine_file / refine_ct.",
     )
