@@ -224,6 +224,26 @@ def test_a_bridge_that_would_hang_a_region_wider_than_its_airway_is_refused(dist
         assert only.record(Geometry())["rejected"] == only.rejected
 
 
+def test_a_bridge_along_the_wall_of_a_wide_airway_is_measured_against_the_airway():
+    # A wide airway (radius 6) cut by a 4-voxel gap in which only a channel one voxel wide
+    # beside the wall is dark: the bridge touches the airway where its distance transform is
+    # 1 voxel, yet it leaves an airway of radius 6 and may hang the other half (radius 6) on it.
+    shape = (40, 40, 80)
+    z, y, x = np.indices(shape)
+    lumen = ((z - 20) ** 2 + (y - 20) ** 2 <= 36) & (x >= 4) & (x < 76)
+    gap = lumen & (x >= 40) & (x < 44)
+    channel = gap & (z == 20) & (y == 25)
+    ct = np.where(lumen & ~gap | channel, -1000, -850).astype(np.int16)
+    labels = (lumen & ~gap).astype(np.uint8)
+    (only,) = find_breaks(ct, labels, (1.0, 1.0, 1.0), oracle(), FLOAT32).breaks
+    assert only.connected and not only.rejected
+    bridge = np.zeros(shape, dtype=bool)
+    bridge[tuple(only.bridge_zyx.T)] = True
+    assert np.array_equal(bridge, channel)
+    touching = ndimage.binary_dilation(bridge, np.ones((3, 3, 3), dtype=bool)) & (labels > 0)
+    assert ndimage.distance_transform_edt(labels > 0)[touching].max() < 2  # the contact is at the wall
+
+
 def test_merging_a_chosen_subset_and_refusing_impossible_choices():
     ct, labels, gap = tube_case()
     prediction = find_breaks(ct, labels, (1.0, 1.0, 1.0), oracle(), FLOAT32)
