@@ -6,8 +6,8 @@ Three measurements:
    gets a breakage simulation of its ground truth (DeepTree 2.3: 50 % of the leaves, 10-30 %
    of each one's skeleton); stage 2 (``find_breaks`` + ``merge_breaks``, the product's code)
    runs on the broken label and :func:`~AirwayRefineLib.connect_training.reconnection_metrics`
-   scores it (the last column counts the bridges the widening guard refused here / on the
-   stage-1 output): breaks reconnected (target >= 85 %), false bridges (<= 5 %; a bridge with under
+   scores it (the last column counts the breaks with a bridge piece the widening guard
+   refused, here / on the stage-1 output): breaks reconnected (target >= 85 %), false bridges (<= 5 %; a bridge with under
    half its voxels in the ground truth, so one through the true gap but wider than a thin
    lumen counts), single component (>= 80 % of cases), and, not a target, bridges with no
    voxel in the ground truth at all (the issue's "a bridge where the ground truth has none").
@@ -58,7 +58,7 @@ def _atm22(labels: np.ndarray, truth: np.ndarray, spacing_zyx, tree) -> dict:
 
 
 def _refused(prediction) -> int:
-    """Bridges the widening guard refused (``connect.py``, "Widening guard")."""
+    """Breaks with a bridge piece the widening guard refused (``connect.py``, "Widening guard")."""
     return sum(bool(b.rejected) for b in prediction.breaks)
 
 

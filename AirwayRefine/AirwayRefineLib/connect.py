@@ -53,9 +53,9 @@ Choices where the paper is silent (each also said where it is made):
   bridge's contact with it (the lumen the bridge leaves, not the wider airway it may branch
   from farther away).  A break keeps the pieces that were not refused and records why
   any were (``rejected``); one left with none is not connected.  Bridges that the tree never
-  reaches are left as they are (the largest-component step drops what they join).  A stage-1 false-positive region in the lung, a blob several
-  millimetres wide, so cannot be joined to a peripheral bronchus through a chain of
-  fragments.
+  reaches are left as they are (the largest-component step drops what they join).  A
+  stage-1 false-positive region in the lung, a blob several millimetres wide, so cannot be
+  joined to a peripheral bronchus through a chain of fragments.
 * *Confidence*: the mean predicted probability over the bridge's voxels; for a break without
   a bridge, the highest probability its patch predicted outside the mask inside its blob
   (how close the network came to bridging it).
@@ -309,7 +309,7 @@ def find_breaks(
     probability = engine.predict_patches(patches, sub_progress(progress, 0.3, 0.9), cancel, channel=1)
     del patches
     report(progress, 0.9, "Finding the bridges")
-    sizes = cc3d.statistics(components)["voxel_counts"]
+    statistics = cc3d.statistics(components)
     readings = [
         _read_patch(blob, patch_probability, components, blobs_zyx, attention, hu, spacing, threshold)
         for blob, patch_probability in zip(blobs, probability)
@@ -321,9 +321,9 @@ def find_breaks(
         for bridge in reading.bridges:
             peak = tuple(bridge.voxels_zyx[np.argmax(attention[tuple(bridge.voxels_zyx.T)])])
             owned[patch_of_blob.get(int(blobs_zyx[peak]), index)].append(bridge)
-    owned, reasons = _refuse_widening(owned, components, spacing)
+    owned, reasons = _refuse_widening(owned, components, statistics, spacing)
     breaks = [
-        _make_break(index, reading, bridges, sizes, reason)
+        _make_break(index, reading, bridges, statistics["voxel_counts"], reason)
         for index, (reading, bridges, reason) in enumerate(zip(readings, owned, reasons), start=1)
     ]
     refused = sum(bool(b.rejected) for b in breaks)
@@ -466,15 +466,15 @@ def _make_break(index: int, reading: _PatchReading, bridges: list[_Bridge], size
 
 
 def _refuse_widening(
-    owned: list[list[_Bridge]], components: np.ndarray, spacing: tuple[float, float, float]
+    owned: list[list[_Bridge]], components: np.ndarray, statistics: dict, spacing: tuple[float, float, float]
 ) -> tuple[list[list[_Bridge]], list[str]]:
     """Each break's bridges without those that widen the tree, and why any were refused (module
-    docstring, "Widening guard"; an empty reason where none was)."""
+    docstring, "Widening guard"; an empty reason where none was).  ``statistics`` is
+    ``cc3d.statistics(components)``."""
     reasons = ["" for _ in owned]
     waiting = [(index, bridge) for index, bridges in enumerate(owned) for bridge in bridges]
     if not waiting:
         return owned, reasons
-    statistics = cc3d.statistics(components)
     boxes = statistics["bounding_boxes"]
     step = min(spacing)
     widest: dict[int, float] = {}
