@@ -81,7 +81,7 @@ import numpy as np
 from scipy import ndimage
 from skimage.graph import MCP_Geometric
 
-from AirwaySegmentationLib.arrays import as_spacing_zyx, check_connectivity, largest_component
+from AirwaySegmentationLib.arrays import as_spacing_zyx, check_connectivity, grow_box, largest_component
 from AirwaySegmentationLib.errors import AirwayInputError
 from AirwaySegmentationLib.inference_settings import InferenceSettings
 from AirwaySegmentationLib.infer import CancelToken, SlidingWindow, check_threshold
@@ -414,9 +414,7 @@ def _lumen_tube(piece: np.ndarray, comp: np.ndarray, hu_zyx: np.ndarray, touched
     Module docstring, "Bridge width".  ``piece`` is the bridge (bool), ``comp`` the component
     labels and ``hu_zyx`` the CT of the patch; the result has the shape of ``piece``.
     """
-    voxels = np.argwhere(piece)
-    margin = LUMEN_MARGIN_VOXELS
-    box = tuple(slice(max(int(lo) - margin, 0), int(hi) + margin + 1) for lo, hi in zip(voxels.min(axis=0), voxels.max(axis=0)))
+    box = grow_box(_voxel_box(np.argwhere(piece)), LUMEN_MARGIN_VOXELS, piece.shape)
     bridge, labels = piece[box], comp[box]
     step = min(spacing)
     all_neighbours = np.ones((3, 3, 3), dtype=bool)
@@ -428,11 +426,12 @@ def _lumen_tube(piece: np.ndarray, comp: np.ndarray, hu_zyx: np.ndarray, touched
     darkness = np.zeros(bridge.shape)
     inside_mm = ndimage.distance_transform_edt(labels > 0, sampling=spacing)
     radius = np.inf
+    around = ndimage.binary_dilation(bridge, all_neighbours)
     for label in sorted(touched):
         side = labels == label
         # The lumen radius where the bridge meets this piece: its distance transform there
         # (a one-voxel-wide lumen has 1 voxel), less half a voxel.
-        contact = ndimage.binary_dilation(bridge, all_neighbours) & side
+        contact = around & side
         radius = min(radius, float(inside_mm[contact].max()) - step / 2)
         starts = np.argwhere(bridge & ndimage.binary_dilation(side, all_neighbours))
         through += MCP_Geometric(length_costs, sampling=spacing).find_costs(starts)[0]
@@ -490,9 +489,8 @@ def _refuse_widening(
         # distance transform in a box around the bridge (exact up to RADIUS_REACH_MM, beyond
         # the box counts as outside), at voxels no farther from the contact than that radius.
         reach = np.ceil(RADIUS_REACH_MM / np.asarray(spacing)).astype(int) + 1
-        low = np.maximum(bridge_zyx.min(axis=0) - reach, 0)
-        high = np.minimum(bridge_zyx.max(axis=0) + reach + 1, components.shape)
-        box = tuple(slice(a, b) for a, b in zip(low, high))
+        box = grow_box(_voxel_box(bridge_zyx), reach, components.shape)
+        low = np.asarray([axis.start for axis in box])
         inside = components[box] == label
         radius = ndimage.distance_transform_edt(np.pad(inside, 1), sampling=spacing)[1:-1, 1:-1, 1:-1]
         bridge = np.zeros(inside.shape, dtype=bool)
@@ -524,6 +522,11 @@ def _refuse_widening(
             break
         waiting = unreached
     return [[b for b in bridges if id(b) not in refused] for bridges in owned], reasons
+
+
+def _voxel_box(voxels_zyx: np.ndarray) -> tuple[slice, slice, slice]:
+    """The bounding box of (K, 3) voxel indices, K > 0."""
+    return tuple(slice(int(low), int(high) + 1) for low, high in zip(voxels_zyx.min(axis=0), voxels_zyx.max(axis=0)))
 
 
 def _gap_point(attention_in_blob: np.ndarray) -> tuple[int, int, int]:
