@@ -286,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
         "folder and/or synthetic phantoms as set in a TOML file (see Resources/Training/). Writes last.pt/last.json "
         "(checkpoint, resumed automatically), log.csv, and best.safetensors + best.json (the best model on "
         "the validation volumes and its model card) into --out. Under torchrun it trains with DDP. "
-        "Python: AirwaySegmentationLib.train.load_config + train (task=AirwayRefineLib.connect_training.ConnectionTask() "
+        "Python: AirwaySegmentationLib.train_config.load_config + train.train (task=AirwayRefineLib.connect_training.ConnectionTask() "
         "for stage 2).",
     )
     train.add_argument("config", type=Path, help="training configuration (.toml)")
