@@ -222,6 +222,8 @@ def test_a_bridge_that_would_hang_a_region_wider_than_its_airway_is_refused(dist
         assert only.confidence > 0.95  # the network's bridge was there
         assert not merged[piece].any() and merged[gap].all() == (distal == "chain")
         assert only.record(Geometry())["rejected"] == only.rejected
+        with pytest.raises(AirwayInputError, match=f"Break {only.id}'s bridge was refused \\(it would hang component"):
+            merge_breaks(labels, prediction, (1.0, 1.0, 1.0), break_ids=[only.id])
 
 
 def test_a_bridge_along_the_wall_of_a_wide_airway_is_measured_against_the_airway():
@@ -242,6 +244,44 @@ def test_a_bridge_along_the_wall_of_a_wide_airway_is_measured_against_the_airway
     assert np.array_equal(bridge, channel)
     touching = ndimage.binary_dilation(bridge, np.ones((3, 3, 3), dtype=bool)) & (labels > 0)
     assert ndimage.distance_transform_edt(labels > 0)[touching].max() < 2  # the contact is at the wall
+
+
+def test_a_break_across_a_trachea_wider_than_the_measuring_reach_is_bridged():
+    # A lumen of radius 10 mm cut by a 4 mm gap: the airway the bridge leaves is measured up to
+    # RADIUS_REACH_MM (6 mm), so the piece beyond (10 mm) is within twice that.
+    shape = (32, 32, 72)
+    z, y, x = np.indices(shape)
+    lumen = ((z - 16) ** 2 + (y - 16) ** 2 <= 100) & (x >= 4) & (x < 68)
+    gap = lumen & (x >= 40) & (x < 44)
+    ct = np.where(lumen, -1000, -850).astype(np.int16)
+    labels = (lumen & ~gap).astype(np.uint8)
+    (only,) = find_breaks(ct, labels, (1.0, 1.0, 1.0), oracle(), FLOAT32).breaks
+    assert only.connected and not only.rejected
+
+
+def test_the_widening_guard_does_not_depend_on_the_order_of_the_breaks():
+    # A tree whose wide part (radius 4) narrows to a thin branch (radius 1), and a region W of
+    # radius 6 that a bridge reaches from each part: the thin one is refused whichever comes
+    # first (judged before the wide one has hung W on the tree).
+    shape = (40, 40, 64)
+    z, y, x = np.indices(shape)
+    axis = (z - 20) ** 2 + (y - 20) ** 2
+    components = np.zeros(shape, dtype=np.uint32)
+    components[((axis <= 16) & (x >= 4) & (x < 30)) | ((axis <= 1) & (x >= 30) & (x < 60))] = 1
+    components[(z - 20) ** 2 + (y - 33) ** 2 + (x - 45) ** 2 <= 36] = 2
+    plane = z == 20
+    thin_voxels = np.argwhere(plane & (x == 45) & (y >= 22) & (y <= 26))
+    wide_voxels = np.argwhere(plane & (((x == 25) & (y >= 25) & (y <= 30)) | ((y == 30) & (x >= 25) & (x <= 39))))
+    thin = connect._Bridge(thin_voxels, np.ones(len(thin_voxels)), {1, 2})
+    wide = connect._Bridge(wide_voxels, np.ones(len(wide_voxels)), {1, 2})
+    statistics = cc3d.statistics(components)
+    outcomes = []
+    for order in ([thin, wide], [wide, thin]):
+        owned, reasons = connect._refuse_widening([[b] for b in order], components, statistics, (1.0, 1.0, 1.0))
+        outcomes.append({("thin" if b is thin else "wide"): (bool(kept), reason) for b, kept, reason in zip(order, owned, reasons)})
+    assert outcomes[0] == outcomes[1]
+    assert outcomes[0]["wide"] == (True, "") and not outcomes[0]["thin"][0]
+    assert re.search(r"radius up to 6\.\d mm\) off an airway of radius 1\.\d mm", outcomes[0]["thin"][1])
 
 
 def test_merging_a_chosen_subset_and_refusing_impossible_choices():

@@ -19,7 +19,7 @@ Choices where the paper is silent (each also said where it is made):
   attention (to the patch that predicted it when that voxel is in no blob), and a
   break's bridge is the union of the pieces that belong to it, whichever patch predicted
   them: each break is one place a clinician accepts or rejects.  A break is *connected* when
-  it has a bridge.
+  it keeps a bridge after the widening guard (below).
 * *Bridge width* (ours): the network's bridge across a thin gap often spreads into the dark
   tissue beside it, two to five times wider than the lumen.  A bridge between two components
   keeps a tube of the lumen's radius around its darkest path:
@@ -52,10 +52,14 @@ Choices where the paper is silent (each also said where it is made):
   refused.  That radius is the one of the widest ball inside the airway that reaches the
   bridge's contact with it (the lumen the bridge leaves, not the wider airway it may branch
   from farther away).  A break keeps the pieces that were not refused and records why
-  any were (``rejected``); one left with none is not connected.  Bridges that the tree never
-  reaches are left as they are (the largest-component step drops what they join).  A
-  stage-1 false-positive region in the lung, a blob several millimetres wide, so cannot be
-  joined to a peripheral bronchus through a chain of fragments.
+  any were (``rejected``); one left with none is not connected.  Each ring of bridges is
+  judged against the tree as it stood before that ring, so the outcome does not depend on
+  the order of the breaks; a piece between components that joined the tree in the same ring
+  closes a loop and is kept.  Bridges that the tree never reaches are left as they are (the
+  largest-component step drops what they join; a merge that keeps every component keeps
+  them, apart from the tree).  A stage-1 false-positive region in the lung, a blob several
+  millimetres wide, so cannot be joined to a peripheral bronchus through a chain of
+  fragments.
 * *Confidence*: the mean predicted probability over the bridge's voxels; for a break without
   a bridge, the highest probability its patch predicted outside the mask inside its blob
   (how close the network came to bridging it).
@@ -110,9 +114,12 @@ LUMEN_MARGIN_VOXELS = 6
 #: A bridge may hang pieces off the tree whose widest lumen radius is at most this many times
 #: that of the airway it leaves, plus one voxel step (module docstring, "Widening guard").
 WIDENING_FACTOR = 2.0
-#: The radius of the airway a bridge leaves is measured exactly up to this radius (the box
-#: around the bridge in which it is measured reaches this much further).
+#: The radius of the airway a bridge leaves is measured exactly up to this radius (wider
+#: airways count as this wide: they may still hang pieces more than twice as wide as that).
 RADIUS_REACH_MM = 6.0
+#: The first box around a bridge in which that radius is measured reaches this far; it
+#: doubles while the widest ball found fills it (most bridges leave thin airways).
+FIRST_REACH_MM = 4.0
 
 
 def connection_input(hu_zyx: np.ndarray, attention_zyx: np.ndarray, spec: InputSpec) -> np.ndarray:
@@ -174,7 +181,8 @@ class Break:
     confidence : float
         Mean bridge probability (or the best probability of an unbridged blob), see the module docstring.
     connected : bool
-        The network predicts a bridge that joins two or more components.
+        The break has a bridge that joins two or more components: a piece the network
+        predicted and the widening guard kept.
     joined : tuple of int
         Every component the bridge touches (empty without a bridge).
     bridge_zyx : numpy.ndarray
@@ -486,30 +494,38 @@ def _refuse_widening(
 
     def airway_radius(label: int, bridge_zyx: np.ndarray) -> float:
         # The widest ball inside the component that reaches the bridge: the component's
-        # distance transform in a box around the bridge (exact up to RADIUS_REACH_MM, beyond
-        # the box counts as outside), at voxels no farther from the contact than that radius.
-        reach = np.ceil(RADIUS_REACH_MM / np.asarray(spacing)).astype(int) + 1
-        box = grow_box(_voxel_box(bridge_zyx), reach, components.shape)
-        low = np.asarray([axis.start for axis in box])
-        inside = components[box] == label
-        radius = ndimage.distance_transform_edt(np.pad(inside, 1), sampling=spacing)[1:-1, 1:-1, 1:-1]
-        bridge = np.zeros(inside.shape, dtype=bool)
-        bridge[tuple((bridge_zyx - low).T)] = True
-        contact = inside & ndimage.binary_dilation(bridge, np.ones((3, 3, 3), dtype=bool))
-        from_contact = ndimage.distance_transform_edt(~contact, sampling=spacing)
-        return float(radius[inside & (from_contact <= radius + step)].max())
+        # distance transform in a box around the bridge (its faces count as outside), at
+        # voxels no farther from the contact than their radius.  A ball of radius r touching
+        # the contact lies within 2 r + 2 voxel steps of the bridge, so a box reaching that
+        # far measures it exactly; the reach doubles while the widest ball fills the box.
+        reach_mm = FIRST_REACH_MM
+        while True:
+            reach = np.ceil(reach_mm / np.asarray(spacing)).astype(int) + 1
+            box = grow_box(_voxel_box(bridge_zyx), reach, components.shape)
+            low = np.asarray([axis.start for axis in box])
+            inside = components[box] == label
+            radius = ndimage.distance_transform_edt(np.pad(inside, 1), sampling=spacing)[1:-1, 1:-1, 1:-1]
+            bridge = np.zeros(inside.shape, dtype=bool)
+            bridge[tuple((bridge_zyx - low).T)] = True
+            contact = inside & ndimage.binary_dilation(bridge, np.ones((3, 3, 3), dtype=bool))
+            from_contact = ndimage.distance_transform_edt(~contact, sampling=spacing)
+            widest = float(radius[inside & (from_contact <= radius + step)].max())
+            if 2 * widest + 2 * step < reach_mm or widest >= RADIUS_REACH_MM:
+                return min(widest, RADIUS_REACH_MM)
+            reach_mm *= 2
 
     tree = {int(np.argmax(statistics["voxel_counts"][1:])) + 1}
     refused: set[int] = set()
     while waiting:  # outwards from the tree, one ring of bridges at a time
+        reached = frozenset(tree)  # the tree before this ring: the order of the bridges does not matter
         unreached = []
         for index, bridge in waiting:
-            leaves = [label for label in bridge.joined if label in tree]
+            leaves = [label for label in bridge.joined if label in reached]
             if not leaves:
                 unreached.append((index, bridge))
                 continue
             airway = max(airway_radius(label, bridge.voxels_zyx) for label in leaves)
-            hung = {label: widest_radius(label) for label in bridge.joined if label not in tree}
+            hung = {label: widest_radius(label) for label in bridge.joined if label not in reached}
             too_wide = {label: radius for label, radius in hung.items() if radius > WIDENING_FACTOR * airway + step}
             if too_wide:
                 label, radius = max(too_wide.items(), key=lambda item: item[1])
@@ -573,7 +589,8 @@ def merge_breaks(
     spacing_zyx : sequence of 3 float
         Voxel size in mm (to find each new voxel's nearest labelled voxel).
     break_ids : iterable of int, optional
-        Breaks to connect; None: every connected break.  An id without a bridge is refused.
+        Breaks to connect; None: every connected break.  Choosing a break without a bridge
+        (none predicted, or every piece refused by the widening guard) is an error.
     keep_largest_component : bool
         Keep only the largest component afterwards (DeepTree's final step).
     connectivity : int
@@ -595,9 +612,11 @@ def merge_breaks(
         unknown = [i for i in ids if i not in by_id]
         if unknown:
             raise AirwayInputError(f"There is no break {unknown[0]}; the breaks are numbered 1 to {len(by_id)}.")
-        unbridged = [i for i in ids if not by_id[i].connected]
+        unbridged = [by_id[i] for i in ids if not by_id[i].connected]
         if unbridged:
-            raise AirwayInputError(f"Break {unbridged[0]} has no predicted bridge to connect; leave it out.")
+            first = unbridged[0]
+            why = f"'s bridge was refused ({first.rejected})" if first.rejected else " has no predicted bridge to connect"
+            raise AirwayInputError(f"Break {first.id}{why}; leave it out.")
         chosen = [by_id[i] for i in ids]
     out = labels.copy()
     for chosen_break in chosen:
