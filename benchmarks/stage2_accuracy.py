@@ -57,11 +57,6 @@ def _atm22(labels: np.ndarray, truth: np.ndarray, spacing_zyx, tree) -> dict:
     return {"td": metrics.td, "bd": metrics.bd, "precision": metrics.precision}
 
 
-def _refused(prediction) -> int:
-    """Breaks with a bridge piece the widening guard refused (``connect.py``, "Widening guard")."""
-    return sum(bool(b.rejected) for b in prediction.breaks)
-
-
 def _verdict(value: float, sense: str, target: float) -> str:
     ok = value >= target if sense == ">=" else value <= target
     return f"{value:.2f} ({'meets' if ok else 'misses'} {sense} {target})"
@@ -102,7 +97,7 @@ def held_out(model, stage1, count: int, shape_zyx: tuple[int, int, int], split: 
               f"{row['false_bridges']:>6.1f} {row['bridges_without_truth']:>6.1f} {row['single_component']:>6.0f} | {before['td']:>10.2f} {before['bd']:>6.2f} "
               f"{before['precision']:>6.2f} -> {after['td']:>6.2f} {after['bd']:>6.2f} {after['precision']:>6.2f} "
               f"{components:>5d} {seconds:>5.1f} | {ceiling['td']:>10.2f} {ceiling['bd']:>6.2f} | "
-              f"{_refused(prediction)}/{_refused(result.prediction)}", flush=True)
+              f"{prediction.refused}/{result.prediction.refused}", flush=True)
     mean = {key: float(np.mean([row[key] for row in simulated])) for key in simulated[0]}
     print("simulated breaks (mean): " + "; ".join(
         f"{key} {_verdict(mean[key], sense, target)}" for key, (sense, target) in SIMULATED_TARGETS.items()

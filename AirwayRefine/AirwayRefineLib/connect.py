@@ -85,7 +85,7 @@ import numpy as np
 from scipy import ndimage
 from skimage.graph import MCP_Geometric
 
-from AirwaySegmentationLib.arrays import as_spacing_zyx, check_connectivity, grow_box, largest_component
+from AirwaySegmentationLib.arrays import as_spacing_zyx, bounding_box, check_connectivity, grow_box, largest_component
 from AirwaySegmentationLib.errors import AirwayInputError
 from AirwaySegmentationLib.inference_settings import InferenceSettings
 from AirwaySegmentationLib.infer import CancelToken, SlidingWindow, check_threshold
@@ -239,6 +239,11 @@ class BreakPrediction:
     components_before: int
     breaks: list[Break]
 
+    @property
+    def refused(self) -> int:
+        """Breaks with a bridge piece the widening guard refused (module docstring)."""
+        return sum(bool(b.rejected) for b in self.breaks)
+
 
 def load_connection_model(model: str | None = None) -> SegmentationModel:
     """The breakage connection network: a bundled name, a path, or None for the bundled default."""
@@ -334,10 +339,10 @@ def find_breaks(
         _make_break(index, reading, bridges, statistics["voxel_counts"], reason)
         for index, (reading, bridges, reason) in enumerate(zip(readings, owned, reasons), start=1)
     ]
-    refused = sum(bool(b.rejected) for b in breaks)
+    prediction = BreakPrediction(attention, int(count), breaks)
     report(progress, 1.0, f"{sum(b.connected for b in breaks)} of {len(breaks)} breaks bridged"
-           + (f", {refused} refused as widening" if refused else ""))
-    return BreakPrediction(attention, int(count), breaks)
+           + (f", {prediction.refused} refused as widening" if prediction.refused else ""))
+    return prediction
 
 
 @dataclass
@@ -422,7 +427,7 @@ def _lumen_tube(piece: np.ndarray, comp: np.ndarray, hu_zyx: np.ndarray, touched
     Module docstring, "Bridge width".  ``piece`` is the bridge (bool), ``comp`` the component
     labels and ``hu_zyx`` the CT of the patch; the result has the shape of ``piece``.
     """
-    box = grow_box(_voxel_box(np.argwhere(piece)), LUMEN_MARGIN_VOXELS, piece.shape)
+    box = bounding_box(piece, LUMEN_MARGIN_VOXELS)
     bridge, labels = piece[box], comp[box]
     step = min(spacing)
     all_neighbours = np.ones((3, 3, 3), dtype=bool)
