@@ -393,6 +393,13 @@ def test_refine_refuses_labels_of_another_grid_and_segmentation_models(tmp_path,
         load_segmentation_model(str(connection_model))
     code = main(["refine", "--ct", "x", "--labels", "y", "--out", str(tmp_path), "--connect", "1,a"])
     assert code == 2 and "--connect takes" in capsys.readouterr().err
+    # Refining into the folder that holds the stage-1 labels would replace them: refused, untouched.
+    sitk.WriteImage(to_sitk(Volume(labels, oblique_geometry())), str(tmp_path / "labels.nii.gz"))
+    before = (tmp_path / "labels.nii.gz").read_bytes()
+    code = main(["refine", "--ct", str(tmp_path / "ct.nii.gz"), "--labels", str(tmp_path / "labels.nii.gz"),
+                 "--out", str(tmp_path), "--model", str(connection_model)])
+    assert code == 2 and "is an input of this command" in capsys.readouterr().err
+    assert (tmp_path / "labels.nii.gz").read_bytes() == before and not (tmp_path / "breaks.json").exists()
 
 
 def test_the_catalogue_keeps_one_default_per_task(tmp_path, connection_model, tiny_model):
@@ -564,6 +571,14 @@ def test_airway_run_writes_every_step_and_keeps_the_ct_geometry(tmp_path, small_
     assert main(["report", "--run", str(out)]) == 0
     assert (out / "report.html").stat().st_mtime_ns >= first and (out / "report.png").stat().st_size > 0
     assert main(["report", "--run", str(tmp_path)]) == 2
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    for name in summary["outputs"]:
+        (damaged / name).write_bytes((out / name).read_bytes())
+    (damaged / "breaks.json").write_text('{"breaks_x": []}')
+    assert main(["report", "--run", str(damaged)]) == 2
+    (damaged / RUN_FILE).write_text("{")
+    assert main(["report", "--run", str(damaged)]) == 2
     assert set(summary["timings_s"]) >= {"read", "stage1", "stage2", "centerlines", "total"}
     reference = read_volume(small_ct)
     for name in (STAGE1_FILE, "labels.nii.gz", "attention.nii.gz"):

@@ -21,6 +21,7 @@ from AirwaySegmentationLib.volume import (
     read_ct,
     read_label,
     read_volume,
+    refuse_overwriting_inputs,
     write_volume,
 )
 
@@ -314,3 +315,15 @@ def test_complex_labels_are_refused(tmp_path: Path) -> None:
     sitk.WriteImage(image, str(tmp_path / "complex.nrrd"))
     with pytest.raises(AirwayInputError):
         read_label(tmp_path / "complex.nrrd")
+
+
+def test_an_output_that_names_an_input_is_refused(tmp_path: Path) -> None:
+    source = tmp_path / "case" / "labels.nii.gz"
+    source.parent.mkdir()
+    source.write_bytes(b"labels")
+    (tmp_path / "link.nii.gz").symlink_to(source)
+    for output in (source, tmp_path / "case" / ".." / "case" / "labels.nii.gz", tmp_path / "link.nii.gz"):
+        with pytest.raises(AirwayInputError, match="is an input of this command"):
+            refuse_overwriting_inputs([tmp_path / "ct.nii.gz", source], [tmp_path / "out.nii.gz", output])
+    refuse_overwriting_inputs([source], [tmp_path / "case" / "airway.nii.gz", tmp_path / "other" / "labels.nii.gz"])
+    assert source.read_bytes() == b"labels"

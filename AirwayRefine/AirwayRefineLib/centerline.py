@@ -72,6 +72,7 @@ from AirwaySegmentationLib.volume import (
     atomic_output,
     atomic_outputs,
     read_label,
+    refuse_overwriting_inputs,
 )
 from scipy.ndimage import gaussian_filter1d
 from scipy.sparse import csgraph
@@ -870,6 +871,7 @@ def centerline_file(
     paths : list of pathlib.Path
         The written files.
     """
+    refuse_overwriting_inputs([mask_path], [Path(out_dir) / name for name in CENTERLINE_FILES])
     mask = read_label(mask_path)
     class_map = classes.as_class_map(mask.array_zyx)
     tree = extract_centerlines(mask.array_zyx != 0, mask.geometry, labels_zyx=class_map, progress=sub_progress(progress, 0.0, 0.9))
@@ -902,6 +904,7 @@ def route_file(
     out_dir : str or path-like
         Folder for :data:`ROUTE_FILES`.
     """
+    refuse_overwriting_inputs([centerlines_path], [Path(out_dir) / name for name in ROUTE_FILES])
     airway_route = route(read_centerlines(centerlines_path), target_xyz)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

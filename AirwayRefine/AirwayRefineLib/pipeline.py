@@ -33,7 +33,7 @@ from AirwaySegmentationLib.inference_settings import InferenceSettings
 from AirwaySegmentationLib.infer import CancelToken
 from AirwaySegmentationLib.progress import ProgressCallback, report, sub_progress
 from AirwaySegmentationLib.segment import SegmentationModel, load_segmentation_model, segment_ct
-from AirwaySegmentationLib.volume import read_ct, write_json, write_volume
+from AirwaySegmentationLib.volume import read_ct, refuse_overwriting_inputs, write_json, write_volume
 
 from .centerline import CENTERLINE_FILES, extract_centerlines, write_centerlines
 from .connect import load_connection_model
@@ -42,6 +42,8 @@ from .refine import REFINE_FILES, refine_ct, write_refinement
 STAGE1_FILE = "stage1_labels.nii.gz"
 REPORT_FILES = ("report.png", "report.html")
 RUN_FILE = "run.json"
+#: Every file a run may write into its folder.
+PIPELINE_FILES = (STAGE1_FILE, *REFINE_FILES, *CENTERLINE_FILES, *REPORT_FILES, RUN_FILE)
 
 
 @dataclass
@@ -101,6 +103,7 @@ def run_pipeline(
     """
     started = time.perf_counter()
     out = Path(out_dir)
+    refuse_overwriting_inputs([ct_path], [out / name for name in PIPELINE_FILES])
     try:
         out.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
@@ -221,16 +224,24 @@ def report_folder(run_dir: str | os.PathLike) -> tuple[Path, Path]:
     missing = [name for name in (RUN_FILE, STAGE1_FILE, *REFINE_FILES) if not (folder / name).is_file()]
     if missing:
         raise AirwayInputError(f"{folder} is not a finished airway run folder: {missing[0]} is missing; run airway run first.")
-    summary = json.loads((folder / RUN_FILE).read_text())
-    ct = read_ct(summary["ct"])
+    try:
+        summary = json.loads((folder / RUN_FILE).read_text())
+        ct_path, table = Path(summary["ct"]), _report_table(summary)
+        breaks = json.loads((folder / REFINE_FILES[2]).read_text())["breaks"]
+        if not isinstance(breaks, list):
+            raise TypeError("'breaks' is not a list")
+    except (ValueError, KeyError, TypeError) as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise AirwayInputError(
+            f"{folder}'s {RUN_FILE} or {REFINE_FILES[2]} is damaged ({error.__class__.__name__}: {error}); run airway run again."
+        ) from None
+    ct = read_ct(ct_path)
     stage1_labels = read_label(folder / STAGE1_FILE, reference=ct)
     labels = read_label(folder / REFINE_FILES[0], reference=ct)
     attention = read_volume(folder / REFINE_FILES[1])
-    breaks = json.loads((folder / REFINE_FILES[2]).read_text())["breaks"]
     branches = folder / CENTERLINE_FILES[3]
     centerlines = read_centerlines(branches) if branches.is_file() else None
-    return write_report(folder, ct, stage1_labels, labels, attention, breaks, centerlines, _report_table(summary),
-                        title=f"Airway tree of {Path(summary['ct']).name}")
+    return write_report(folder, ct, stage1_labels, labels, attention, breaks, centerlines, table,
+                        title=f"Airway tree of {ct_path.name}")
 
 
 def run_demo(

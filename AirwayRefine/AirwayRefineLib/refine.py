@@ -30,7 +30,9 @@ from AirwaySegmentationLib.inference_settings import InferenceSettings
 from AirwaySegmentationLib.infer import CancelToken
 from AirwaySegmentationLib.progress import ProgressCallback, report, sub_progress
 from AirwaySegmentationLib.segment import SegmentationModel
-from AirwaySegmentationLib.volume import Volume, atomic_outputs, check_ct, read_ct, read_label, to_sitk, write_json
+from AirwaySegmentationLib.volume import (
+    Volume, atomic_outputs, check_ct, read_ct, read_label, refuse_overwriting_inputs, to_sitk, write_json,
+)
 
 from .connect import BreakPrediction, find_breaks, load_connection_model, merge_breaks
 
@@ -212,6 +214,7 @@ def refine_file(
     cancel: CancelToken | None = None,
 ) -> RefineResult:
     """``airway refine``: read a CT and its stage-1 labels, refine, write :data:`REFINE_FILES`."""
+    refuse_overwriting_inputs([ct_path, labels_path], [Path(out_dir) / name for name in REFINE_FILES])
     loaded = model if isinstance(model, SegmentationModel) else load_connection_model(model)  # a wrong model fails first
     report(progress, 0.0, f"Reading {ct_path} and {labels_path}")
     ct = read_ct(ct_path)

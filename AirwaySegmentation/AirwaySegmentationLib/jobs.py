@@ -20,7 +20,7 @@ from .metrics import AirwayMetrics, evaluate_airway
 from .progress import ProgressCallback, report, sub_progress
 from .segfile import check_label_path, write_labels
 from .tree import AirwayTree, covering_class_labels, parse_airway_tree
-from .volume import Volume, atomic_outputs, check_same_grid, read_label, write_json
+from .volume import Volume, atomic_outputs, check_same_grid, read_label, refuse_overwriting_inputs, write_json
 
 
 def branch_table(tree: AirwayTree) -> list[dict]:
@@ -70,6 +70,8 @@ def label_airway_file(
         The parsed tree behind the labels.
     """
     check_label_path(out_path)
+    outputs = [out_path] if branches_path is None else [out_path, branches_path]
+    refuse_overwriting_inputs([mask_path], outputs)
     mask = read_label(mask_path)
     report(progress, 0.0, "parsing the airway tree")
     tree = parse_airway_tree(
@@ -81,7 +83,6 @@ def label_airway_file(
         superior_zyx=mask.geometry.superior_zyx,
     )
     labels = covering_class_labels(tree, mask.array_zyx, connectivity=connectivity)
-    outputs = [out_path] if branches_path is None else [out_path, branches_path]
     # Labels and branch table are kept together or not at all.
     with atomic_outputs(outputs) as temporary:
         write_labels(mask.with_array(labels), temporary[0])

@@ -55,12 +55,14 @@ from .inference_settings import InferenceSettings
 from .models import load_model
 from .preprocess import InputSpec, crop_to_body, inside_body
 from .progress import ProgressCallback, report, sub_progress
-from .volume import Geometry, Volume, atomic_outputs, check_ct, read_ct, to_sitk
+from .volume import Geometry, Volume, atomic_outputs, check_ct, read_ct, refuse_overwriting_inputs, to_sitk
 
 #: Files one segmentation writes into its output folder.
 LABELS_FILE = "labels.nii.gz"
 AIRWAY_FILE = "airway.nii.gz"
 PROBABILITY_FILE = "airway_probability.nii.gz"
+#: Every file :func:`write_result` may write.
+SEGMENT_FILES = (LABELS_FILE, AIRWAY_FILE, PROBABILITY_FILE)
 
 
 @dataclass(frozen=True)
@@ -344,6 +346,7 @@ def segment_file(
         JSON-ready: ``outputs`` (file names in ``out_dir``), ``timings_s`` (``read`` and
         ``write`` added to :func:`segment_ct`'s) and the result's ``info``.
     """
+    refuse_overwriting_inputs([ct_path], [Path(out_dir) / name for name in SEGMENT_FILES])
     start = time.perf_counter()
     report(progress, 0.0, f"Reading {ct_path}")
     ct = read_ct(ct_path)

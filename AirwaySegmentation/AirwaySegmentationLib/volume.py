@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -445,6 +446,24 @@ def check_same_grid(volume: Volume, reference: Volume, name: str, reference_name
 
 def _fmt(values: tuple[float, ...]) -> str:
     return "(" + ", ".join(f"{v:.4g}" for v in values) + ")"
+
+
+def refuse_overwriting_inputs(inputs: Iterable[str | os.PathLike], outputs: Iterable[str | os.PathLike]) -> None:
+    """Raise :class:`AirwayInputError` when an output path names one of the input files.
+
+    Inputs are never modified: a job calls this before it reads anything, so that, say,
+    ``airway refine --labels case/labels.nii.gz --out case`` stops at once instead of replacing
+    the stage-1 labels it was given with the refined ones.  Paths are compared after resolving
+    links and ``..``; an output that does not exist yet cannot be an input.
+    """
+    sources = [Path(p) for p in inputs]
+    for output in map(Path, outputs):
+        for source in sources:
+            if output.exists() and source.exists() and os.path.samefile(output, source):
+                raise AirwayInputError(
+                    f"{output} is an input of this command ({source}); write the outputs to another file "
+                    "or folder (inputs are never modified)."
+                )
 
 
 def atomic_output(path: str | os.PathLike) -> "_AtomicPaths":
