@@ -574,3 +574,30 @@ def test_bfloat16_fast_path_matches_float32_on_a_phantom() -> None:
     a, b = fast.labels.array_zyx > 0, exact.labels.array_zyx > 0
     assert b.sum() > 1000  # a real airway tree, not an empty prediction
     assert 2 * np.count_nonzero(a & b) / (a.sum() + b.sum()) >= 0.995
+
+
+@pytest.mark.parametrize(
+    "axes_zyx, flips_zyx",
+    [((0, 1, 2), (False, True, True)), ((0, 1, 2), (True, False, False)), ((1, 0, 2), (False, False, True))],
+    ids=["ras-nifti", "feet-first", "coronal"],
+)
+def test_the_network_sees_the_same_ct_however_it_is_stored(tiny_model, axes_zyx, flips_zyx) -> None:
+    """A CT stored with its axes reversed or permuted (same physical image) gets the labels of the
+    canonical storage, mapped back onto its own grid (a random network is not flip-invariant)."""
+    from AirwaySegmentationLib.orientation import Reorientation
+
+    ct = synthetic_ct().astype(np.float32)
+    settings = InferenceSettings(device="cpu")
+    canonical = segment_ct(ct, GEOMETRY, str(tiny_model), settings, keep_probability=True)
+    # Store the same image otherwise: a reorientation whose inverse is the canonical order.
+    stored_order = Reorientation(axes_zyx, flips_zyx)
+    stored_ct = np.ascontiguousarray(stored_order.to_canonical(ct))
+    stored_geometry = stored_order.geometry(GEOMETRY, ct.shape)
+    back = Reorientation.of(stored_geometry)
+    assert not back.is_identity
+    np.testing.assert_array_equal(back.to_canonical(stored_ct), ct)
+    result = segment_ct(stored_ct, stored_geometry, str(tiny_model), settings, keep_probability=True)
+    assert result.labels.geometry == stored_geometry and result.labels.array_zyx.shape == stored_ct.shape
+    np.testing.assert_array_equal(back.to_canonical(result.labels.array_zyx), canonical.labels.array_zyx)
+    np.testing.assert_array_equal(back.to_canonical(result.probability.array_zyx), canonical.probability.array_zyx)
+    assert result.info["canonical_order"] == {"axes_zyx": list(back.axes_zyx), "flips_zyx": list(back.flips_zyx)}

@@ -41,6 +41,7 @@ from .arrays import Box, bounding_box
 from .classes import as_class_map
 from .errors import AirwayInputError
 from .phantom import generate_phantom
+from .orientation import canonical
 from .preprocess import crop_to_body, crop_volume
 from .tree import airway_class_labels
 from .volume import Volume, read_ct, read_label
@@ -86,11 +87,14 @@ class TrainingVolume:
     name : str
         Case name, or ``phantom-VARIANT-SEED``.
     ct : Volume
-        CT in HU, cropped; its geometry places the crop where it lay in the scan.
+        CT in HU, in the canonical order, cropped; its geometry places the crop where it lay
+        in the scan.
     labels3 : numpy.ndarray
         uint8, shape of ``ct.array_zyx``: 0 background, 1-3 airway classes (METHODS section 1).
     crop_box : tuple of 3 slice
-        Where the crop lies in the original grid.
+        Where the crop lies in the original grid, brought to the canonical order
+        (:mod:`~AirwaySegmentationLib.orientation`; a case on disk stored otherwise is
+        reoriented before cropping).
     """
 
     name: str
@@ -285,9 +289,11 @@ def load_case(case: AirwayCase, margin_mm: float = DEFAULT_MARGIN_MM) -> Trainin
         :func:`~AirwaySegmentationLib.classes.as_class_map`) reads a map of values 0-3 that
         holds 2 or 3 as three classes, and anything else as a binary mask (nonzero = airway).
     """
-    ct = read_ct(case.image_path)
-    labels = read_label(case.label_path, reference=ct)
-    volume = _training_volume(case.name, ct, labels.array_zyx, margin_mm)
+    stored = read_ct(case.image_path)
+    labels = read_label(case.label_path, reference=stored)
+    # Training sees the canonical order that inference gives the network (orientation.py).
+    ct, orientation = canonical(stored)
+    volume = _training_volume(case.name, ct, orientation.to_canonical(labels.array_zyx), margin_mm)
     # Classes are given after cropping: the tree parse works on the airway's own box anyway.
     volume.labels3 = three_class_labels(volume.labels3, volume.spacing_zyx, ct.geometry.superior_zyx)
     return volume

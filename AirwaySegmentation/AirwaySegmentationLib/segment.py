@@ -55,6 +55,7 @@ from .inference_settings import InferenceSettings
 from .models import load_model
 from .preprocess import InputSpec, crop_to_body, inside_body
 from .progress import ProgressCallback, report, sub_progress
+from .orientation import canonical
 from .volume import Geometry, Volume, atomic_outputs, check_ct, read_ct, refuse_overwriting_inputs, to_sitk
 
 #: Files one segmentation writes into its output folder.
@@ -150,7 +151,8 @@ class SegmentationResult:
         float16 airway probability (``1 - p_background``), when asked for; 0 outside the crop.
         Written as float32 (NIfTI, NRRD and MetaImage have no 16-bit float).
     crop_box : tuple of 3 slice
-        The box the network saw.
+        The box the network saw, in the canonical order of the CT (``info["canonical_order"]``,
+        :mod:`~AirwaySegmentationLib.orientation`).
     timings_s : dict
         Seconds per step (``crop``, ``input``, ``network``, ``postprocess``).
     info : dict
@@ -239,6 +241,8 @@ def _segment_checked(
 
     start = time.perf_counter()
     report(progress, 0.0, "Finding the lungs")
+    stored = ct
+    ct, orientation = canonical(stored)  # the network sees the order it was trained in (orientation.py)
     box = crop_to_body(ct.array_zyx, ct.spacing_zyx)
     crop = ct.array_zyx[box]
     timings["crop"] = time.perf_counter() - start
@@ -281,6 +285,7 @@ def _segment_checked(
         "precision": str(sums.dtype).removeprefix("torch."),
         "settings": settings.as_dict(),
         "crop_box_zyx": [[s.start, s.stop] for s in box],
+        "canonical_order": {"axes_zyx": list(orientation.axes_zyx), "flips_zyx": list(orientation.flips_zyx)},
         "windows": len(tiling),
         "window_zyx": list(tiling.window_zyx),
         "window_overlap_zyx": list(tiling.overlaps_zyx()),
@@ -289,8 +294,8 @@ def _segment_checked(
         "class_voxels": {str(c): int(counts[c]) for c in range(1, len(counts))},
     }
     return SegmentationResult(
-        labels=Volume(labels, ct.geometry),
-        probability=None if probability is None else Volume(probability, ct.geometry),
+        labels=Volume(np.ascontiguousarray(orientation.from_canonical(labels)), stored.geometry),
+        probability=None if probability is None else Volume(np.ascontiguousarray(orientation.from_canonical(probability)), stored.geometry),
         crop_box=box,
         timings_s=timings,
         info=info,
