@@ -21,6 +21,7 @@ from AirwayRefineLib.centerline import (
     write_vtp,
 )
 from AirwaySegmentationLib.errors import AirwayInputError
+from AirwaySegmentationLib.orientation import Reorientation
 from AirwaySegmentationLib.volume import Geometry
 from synthetic_trees import TreeSegment, binary_tree, capsule_mask, place
 
@@ -29,8 +30,6 @@ SPACING_ZYX = (1.0, 1.0, 1.0)
 TREE = dict(generations=3, trachea_radius_mm=3.0, trachea_length_mm=24.0, length_ratio=0.75)
 # Index axis k points to the feet (physical -z), so the trachea's top p0 is superior.
 FEET_FIRST = Geometry(SPACING_ZYX, (12.5, -40.0, 70.0), (1, 0, 0, 0, 1, 0, 0, 0, -1))
-# The same grid turned 90 degrees about the body axis and moved.
-TURNED = Geometry(SPACING_ZYX, (-3.0, 8.0, -150.0), (0, -1, 0, 1, 0, 0, 0, 0, -1))
 
 
 def _physical(geometry: Geometry, point_mm_zyx) -> np.ndarray:
@@ -104,12 +103,23 @@ def test_points_lie_on_the_axis_and_radii_match(y_tree):
 
 def test_coordinates_follow_the_geometry(y_tree):
     tree, _, mask = y_tree
-    turned = extract_centerlines(mask, TURNED)
+    moved = Geometry(SPACING_ZYX, (-3.0, 8.0, -150.0), FEET_FIRST.direction)
+    shifted = extract_centerlines(mask, moved)
+    offset = np.asarray(moved.origin_xyz) - np.asarray(FEET_FIRST.origin_xyz)
+    for a, b in zip(tree.branches, shifted.branches):
+        np.testing.assert_allclose(a.points_xyz + offset, b.points_xyz, atol=1e-6)
+
+
+@pytest.mark.parametrize("axes_zyx, flips_zyx", [((0, 1, 2), (True, False, True)), ((2, 0, 1), (False, True, False))])
+def test_the_same_airway_stored_in_another_order_has_the_same_centerlines(y_tree, axes_zyx, flips_zyx):
+    """Thinning depends on the storage order; the centerlines do not (orientation.py)."""
+    tree, _, mask = y_tree
+    order = Reorientation(axes_zyx, flips_zyx)
+    stored = np.ascontiguousarray(order.to_canonical(mask))
+    turned = extract_centerlines(stored, order.geometry(FEET_FIRST, mask.shape))
     assert [b.parent for b in turned.branches] == [b.parent for b in tree.branches]
     for a, b in zip(tree.branches, turned.branches):
-        np.testing.assert_allclose(
-            TURNED.index_zyx_to_physical(FEET_FIRST.physical_to_index_zyx(a.points_xyz)), b.points_xyz, atol=1e-6
-        )
+        np.testing.assert_allclose(a.points_xyz, b.points_xyz, atol=1e-6)
         np.testing.assert_allclose(a.radius_mm, b.radius_mm)
 
 
@@ -303,3 +313,15 @@ def test_cli_centerline_then_route(y_tree, tmp_path, capsys):
         assert capsys.readouterr().out.startswith(" > ".join(route(tree, leaf.points_xyz[-1]).names) + ":")
     assert sorted(p.name for p in (tmp_path / "r").iterdir()) == sorted(centerline.ROUTE_FILES)
     assert main(["route", "--centerlines", str(tmp_path / "none.json"), "--target", "0", "0", "0", "--out", str(tmp_path / "r")]) == EXIT_BAD_INPUT
+
+
+def test_an_airway_cut_by_the_image_border_has_its_centerline_run_to_the_border():
+    """Thinning sees background beyond the image; the trachea of a scan that starts below the
+    larynx must still begin at the top slice, not a radius below it."""
+    z, y, x = np.mgrid[:40, :25, :25]
+    tube = (y - 12) ** 2 + (x - 12) ** 2 <= 5**2  # radius 5 mm, cut by both z faces
+    tree = extract_centerlines(tube, Geometry((1.0, 1.0, 1.0)))
+    assert len(tree.branches) == 1
+    heights = tree.branches[0].points_xyz[:, 2]
+    assert heights.max() == pytest.approx(39.0) and heights.min() == pytest.approx(0.0)
+    assert tree.branches[0].length_mm == pytest.approx(39.0, abs=0.5)

@@ -67,8 +67,10 @@ from AirwaySegmentationLib.tree import (
     median_diameter_mm,
     ridge_radius_mm,
 )
+from AirwaySegmentationLib.orientation import canonical
 from AirwaySegmentationLib.volume import (
     Geometry,
+    Volume,
     atomic_output,
     atomic_outputs,
     read_label,
@@ -275,8 +277,14 @@ def extract_centerlines(
         raise AirwayInputError(
             "The airway mask is empty, so there are no centerlines; give a mask that holds an airway."
         )
+    # Thinning depends on the storage order: thin the canonical order (orientation.py), whose
+    # voxels keep their physical positions, so the centerlines do not depend on it.
+    canonical_mask, orientation = canonical(Volume(mask, geometry))
+    mask, geometry = canonical_mask.array_zyx, canonical_mask.geometry
+    if labels_zyx is not None:
+        labels_zyx = orientation.to_canonical(np.asarray(labels_zyx))
     report(progress, 0.0, "Thinning the airway to its skeleton")
-    skeleton = airway_skeleton(mask, geometry.spacing_zyx, connectivity)
+    skeleton = airway_skeleton(mask, geometry.spacing_zyx, connectivity, reach_border=True)
     report(progress, 0.8, "Splitting the skeleton into branches")
     branches = _skeleton_branches(skeleton, geometry.spacing_zyx, geometry.superior_zyx)
     branches = _breadth_first(_simplify(branches, geometry.spacing_zyx))
