@@ -489,6 +489,9 @@ def test_loading_never_unpickles(tmp_path, monkeypatch) -> None:
 
 
 def test_an_empty_catalogue_has_no_default_and_the_default_flag_wins(tmp_path) -> None:
+    # No catalogue at all (a wheel install carries no Resources/Models) is said so, not "train one".
+    with pytest.raises(AirwayInputError, match="This installation has no bundled models"):
+        default_model_name(tmp_path)
     (tmp_path / "catalogue.json").write_text(json.dumps({"catalogue_version": 1, "models": []}))
     assert catalogue(tmp_path) == []
     with pytest.raises(AirwayInputError, match="no bundled segmentation model yet; train one with airway train"):

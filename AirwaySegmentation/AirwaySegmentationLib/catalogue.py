@@ -57,6 +57,12 @@ def default_model_name(models_dir: str | os.PathLike | None = None, task: str = 
     """Name of the default model of a task (the first flagged ``default``, else the first)."""
     models = catalogue(models_dir, task)
     if not models:
+        path = Path(models_dir or BUNDLED_MODELS_DIR) / CATALOGUE_FILE
+        if not path.is_file():  # e.g. a wheel install: the models ship in the source tree only
+            raise AirwayInputError(
+                f"This installation has no bundled models ({path} does not exist); install from a source "
+                "checkout (pip install -e .) or in Slicer, or give a model file with --model."
+            )
         raise AirwayInputError(f"There is no bundled {task} model yet; train one with airway train.")
     return next((entry for entry in models if entry.get("default")), models[0])["name"]
 
