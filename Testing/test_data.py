@@ -216,10 +216,11 @@ def test_crop_to_body_keeps_the_airway_and_lungs_and_drops_the_surrounding_air(p
     assert ct[box].size < 0.6 * ct.size
 
 
-def test_crop_to_body_falls_back_to_the_body_then_the_volume():
+def test_crop_to_body_falls_back_to_the_body_and_refuses_a_ct_without_one():
     ct = np.full((20, 30, 30), -1000, dtype=np.int16)
     spacing = (3.0, 3.0, 3.0)  # the coarse grid itself, so the box is exact
-    assert crop_to_body(ct, spacing, margin_mm=0) == (slice(0, 20), slice(0, 30), slice(0, 30))
+    with pytest.raises(AirwayInputError, match="holds no body"):
+        crop_to_body(ct + np.random.default_rng(0).integers(-20, 20, ct.shape), spacing)
     ct[5:15, 10:20, 8:22] = 40  # a body without lungs
     assert crop_to_body(ct, spacing, margin_mm=0) == (slice(5, 15), slice(10, 20), slice(8, 22))
     assert crop_to_body(ct, spacing, margin_mm=6.0) == (slice(3, 17), slice(8, 22), slice(6, 24))

@@ -196,7 +196,8 @@ def crop_to_body(ct_zyx: np.ndarray, spacing_zyx: Sequence[float], margin_mm: fl
        stands for its whole stride), grown by ``margin_mm`` per side.
 
     When no lung-like air is found (not a chest, or lungs cut by the field of view) the box
-    of the body is used, and without a body the whole volume.
+    of the body is used.  A CT without a body (nothing denser than air) is refused: there is
+    no airway to find in it.
 
     Parameters
     ----------
@@ -218,11 +219,12 @@ def crop_to_body(ct_zyx: np.ndarray, spacing_zyx: Sequence[float], margin_mm: fl
         raise AirwayInputError(f"The crop margin {margin_mm} mm is not usable; expected a non-negative size.")
     stride = np.maximum(np.rint(_COARSE_SPACING_MM / spacing).astype(int), 1)
     air = ct[:: stride[0], :: stride[1], :: stride[2]] < AIR_THRESHOLD_HU
-    full_box = tuple(slice(0, n) for n in ct.shape)
 
     body, n_body = largest_component_and_count(~air, 6)
     if n_body == 0:
-        return full_box
+        raise AirwayInputError(
+            f"The CT holds no body: no voxel is denser than air ({AIR_THRESHOLD_HU:g} HU); give a chest CT."
+        )
     body = ndimage.binary_fill_holes(body, structure=_IN_PLANE)
 
     inner_air = cc3d.connected_components(air & body, connectivity=6)
