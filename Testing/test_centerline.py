@@ -172,6 +172,15 @@ def test_route_to_a_target_beyond_a_leaf(y_tree):
     assert set(np.unique(path.branch_of_point)) == set(path.branch_ids)
 
 
+def test_a_route_to_a_junction_ends_in_the_parent_and_names_only_branches_it_enters(y_tree):
+    tree, _, _ = y_tree
+    for child in tree.branches[1:]:
+        path = route(tree, child.points_xyz[0])  # the child's first point: its parent's junction vertex
+        assert path.branch_ids[-1] == child.parent
+        assert set(np.unique(path.branch_of_point)) == set(path.branch_ids)
+        assert path.distance_to_target_mm == pytest.approx(0.0, abs=1e-9)
+
+
 def test_vtp_export(y_tree, tmp_path):
     tree, _, _ = y_tree
     path = write_vtp(tree, tmp_path / "centerlines.vtp")

@@ -522,7 +522,12 @@ def route(tree: CenterlineTree, target_xyz: Sequence[float]) -> Route:
         )
     owner = np.concatenate([np.full(len(b.points_xyz), b.id) for b in tree.branches])
     vertex = np.concatenate([np.arange(len(b.points_xyz)) for b in tree.branches])
-    _, nearest = cKDTree(np.concatenate([b.points_xyz for b in tree.branches])).query(target)
+    # A child's first point is its parent's junction vertex: the nearest point is looked up
+    # without those copies, so a route ending at a junction ends in the parent and never names
+    # a child it does not enter.
+    own = np.concatenate([np.arange(len(b.points_xyz)) >= (0 if b.parent is None else 1) for b in tree.branches])
+    owner, vertex = owner[own], vertex[own]
+    _, nearest = cKDTree(np.concatenate([b.points_xyz for b in tree.branches])[own]).query(target)
     lineage = tree.lineage(int(owner[nearest]))
     points, radii, branch_of_point = [], [], []
     for position, branch_id in enumerate(lineage):
