@@ -271,6 +271,12 @@ def test_bad_input(tmp_path):
     mask[2:18, 2:6, 2:6] = True
     with pytest.raises(AirwayInputError, match="shape"):
         extract_centerlines(mask, Geometry(), labels_zyx=np.zeros((20, 8, 7)))
+    with pytest.raises(AirwayInputError, match="segmental generation"):
+        extract_centerlines(mask, Geometry(), segmental_generation=-5)
+    speck = np.zeros((8, 8, 8), bool)
+    speck[3:5, 3:5, 3:5] = True  # thins to one voxel: no polyline (Slicer's curves need two points)
+    with pytest.raises(AirwayInputError, match="single voxel"):
+        extract_centerlines(speck, Geometry())
     with pytest.raises(AirwayInputError, match="no such file"):
         read_centerlines(tmp_path / "missing.vtp")
     (tmp_path / "other.json").write_text('{"branches": [{"id": 3}]}')

@@ -80,8 +80,10 @@ def _not_an_image(folder: Path) -> Path:
         (lambda f, d: ["labels", "--in", str(f["mask"]), "--out", str(d / "out.png")], "expected a file name ending"),
         (lambda f, d: ["evaluate", "--pred", str(f["shifted"]), "--gt", str(f["mask"])], "does not lie on the grid"),
         (lambda f, d: ["labels", "--in", str(f["mask"]), "--out", str(f["mask"])], "is an input of this command"),
+        (lambda f, d: ["labels", "--in", str(f["mask"]), "--out", str(d / "out.nii.gz"), "--segmental-generation", "-5"],
+         "segmental generation -5 is not usable"),
     ],
-    ids=["missing", "2-d", "not-an-image", "bad-output-name", "grid-mismatch", "output-is-input"],
+    ids=["missing", "2-d", "not-an-image", "bad-output-name", "grid-mismatch", "output-is-input", "bad-generation"],
 )
 def test_bad_input_exits_2_with_one_sentence_and_no_output(tree_files, tmp_path, capsys, arguments, message) -> None:
     status = main(arguments(tree_files, tmp_path))

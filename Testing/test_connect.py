@@ -602,6 +602,24 @@ def test_a_failing_stage_keeps_the_earlier_outputs(tmp_path, small_ct, tiny_mode
     assert sorted(p.name for p in tmp_path.iterdir()) == [pipeline.STAGE1_FILE]
 
 
+def test_an_airway_too_small_for_centerlines_finishes_the_run_without_them(
+    tmp_path, small_ct, tiny_model, connection_model, monkeypatch
+):
+    from AirwayRefineLib import pipeline
+    from AirwayRefineLib.centerline import CENTERLINE_FILES, extract_centerlines
+
+    def on_a_speck(mask_zyx, geometry, **kwargs):  # the real extraction, on an airway that thins to one voxel
+        speck = np.zeros(mask_zyx.shape, dtype=bool)
+        speck[3:5, 3:5, 3:5] = True
+        return extract_centerlines(speck, geometry)
+
+    monkeypatch.setattr(pipeline, "extract_centerlines", on_a_speck)
+    result = pipeline.run_pipeline(small_ct, tmp_path, model=str(tiny_model), connection_model=str(connection_model),
+                                   settings=FLOAT32, make_report=False)
+    assert result.summary["centerlines"].startswith("skipped: The airway is too small for centerlines")
+    assert result.summary["branches"] == 0 and not set(CENTERLINE_FILES) & {p.name for p in tmp_path.iterdir()}
+
+
 def test_airway_run_refuses_a_connection_model_as_stage_1_before_reading(tmp_path, connection_model, capsys):
     code = main(["run", "--in", str(tmp_path / "missing.nii.gz"), "--out", str(tmp_path / "out"),
                  "--model", str(connection_model)])

@@ -268,6 +268,7 @@ def extract_centerlines(
         The mask is empty or not 3-D, or the labels are not on the mask's grid.
     """
     mask = as_airway_mask(mask_zyx)
+    classes.check_segmental_generation(segmental_generation)
     if labels_zyx is not None and np.shape(labels_zyx) != mask.shape:
         raise AirwayInputError(
             f"The class labels have shape {np.shape(labels_zyx)} but the airway mask {mask.shape}; "
@@ -288,6 +289,10 @@ def extract_centerlines(
     report(progress, 0.8, "Splitting the skeleton into branches")
     branches = _skeleton_branches(skeleton, geometry.spacing_zyx, geometry.superior_zyx)
     branches = _breadth_first(_simplify(branches, geometry.spacing_zyx))
+    if len(branches[0].path_zyx) < 2:  # only a one-voxel skeleton has a one-point root
+        raise AirwayInputError(
+            "The airway is too small for centerlines: its skeleton is a single voxel; give a mask of an airway tree."
+        )
     spacing = np.asarray(geometry.spacing_zyx)
     for branch in branches:
         parent_class = None if branch.parent is None else branches[branch.parent].airway_class

@@ -140,12 +140,16 @@ def run_pipeline(
 
     begin = time.perf_counter()
     labels = refined.labels.array_zyx
-    centerlines = None
+    centerlines, skipped = None, "skipped: the final labels are empty"
     if labels.any():
-        centerlines = extract_centerlines(labels > 0, ct.geometry, labels_zyx=as_class_map(labels),
-                                          progress=sub_progress(progress, 0.8, 0.9))
-        write_centerlines(centerlines, out)
-        outputs += list(CENTERLINE_FILES)
+        try:
+            centerlines = extract_centerlines(labels > 0, ct.geometry, labels_zyx=as_class_map(labels),
+                                              progress=sub_progress(progress, 0.8, 0.9))
+        except AirwayInputError as error:  # an airway too small to have a centerline
+            skipped = f"skipped: {error}"
+        else:
+            write_centerlines(centerlines, out)
+            outputs += list(CENTERLINE_FILES)
     step("centerlines", begin)
 
     prediction = refined.prediction
@@ -166,6 +170,8 @@ def run_pipeline(
         "branches": 0 if centerlines is None else len(centerlines.branches),
         "timings_s": timings,
     }
+    if centerlines is None:
+        summary["centerlines"] = skipped
     if make_report:
         begin = time.perf_counter()
         report(progress, 0.9, "Drawing the report")

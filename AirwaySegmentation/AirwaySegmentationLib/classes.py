@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .errors import AirwayInputError
+
 #: Generations 0 (trachea) and 1 (main bronchi) are class 1.
 MAIN_BRONCHUS_GENERATION = 1
 #: Deepest generation that is still class 2 (segmental bronchi sit at generations 3-5).
@@ -55,6 +57,18 @@ AIRWAY_CLASSES: tuple[AirwayClass, ...] = (
     AirwayClass(2, "Lobar to segmental bronchi", (0.25, 0.65, 0.90), ("955009", "Bronchus")),
     AirwayClass(3, "Small bronchi", (0.95, 0.80, 0.25), ("955009", "Bronchus")),
 )
+
+
+def check_segmental_generation(segmental_generation: int) -> None:
+    """Raise :class:`AirwayInputError` unless ``segmental_generation`` is an integer of at least 2
+    (class 2 begins below the main bronchi, generation 1)."""
+    if isinstance(segmental_generation, bool) or not isinstance(segmental_generation, (int, np.integer)) or (
+        segmental_generation <= MAIN_BRONCHUS_GENERATION
+    ):
+        raise AirwayInputError(
+            f"The segmental generation {segmental_generation!r} is not usable; expected a whole number of at least "
+            f"{MAIN_BRONCHUS_GENERATION + 1} (the trachea is generation 0, the main bronchi {MAIN_BRONCHUS_GENERATION})."
+        )
 
 
 def branch_class(

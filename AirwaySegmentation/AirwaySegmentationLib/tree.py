@@ -255,6 +255,7 @@ def parse_airway_tree(
     mask = as_airway_mask(mask_zyx)
     spacing = as_spacing_zyx(spacing_zyx)
     check_connectivity(connectivity)
+    classes.check_segmental_generation(segmental_generation)
     report = progress or (lambda fraction, message: None)
     tree = AirwayTree(
         branches=[],
