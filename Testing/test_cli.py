@@ -82,8 +82,10 @@ def _not_an_image(folder: Path) -> Path:
         (lambda f, d: ["labels", "--in", str(f["mask"]), "--out", str(f["mask"])], "is an input of this command"),
         (lambda f, d: ["labels", "--in", str(f["mask"]), "--out", str(d / "out.nii.gz"), "--segmental-generation", "-5"],
          "segmental generation -5 is not usable"),
+        (lambda f, d: ["centerline", "--labels", str(f["mask"]), "--out", str(f["mask"])], "it is a file, not a folder"),
     ],
-    ids=["missing", "2-d", "not-an-image", "bad-output-name", "grid-mismatch", "output-is-input", "bad-generation"],
+    ids=["missing", "2-d", "not-an-image", "bad-output-name", "grid-mismatch", "output-is-input", "bad-generation",
+         "output-folder-is-a-file"],
 )
 def test_bad_input_exits_2_with_one_sentence_and_no_output(tree_files, tmp_path, capsys, arguments, message) -> None:
     status = main(arguments(tree_files, tmp_path))

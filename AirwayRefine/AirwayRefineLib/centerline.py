@@ -73,6 +73,7 @@ from AirwaySegmentationLib.volume import (
     Volume,
     atomic_output,
     atomic_outputs,
+    output_folder,
     read_label,
     refuse_overwriting_inputs,
 )
@@ -890,6 +891,7 @@ def centerline_file(
         The written files.
     """
     refuse_overwriting_inputs([mask_path], [Path(out_dir) / name for name in CENTERLINE_FILES])
+    output_folder(out_dir)  # a file in the way fails now, not after the extraction
     mask = read_label(mask_path)
     class_map = classes.as_class_map(mask.array_zyx)
     tree = extract_centerlines(mask.array_zyx != 0, mask.geometry, labels_zyx=class_map, progress=sub_progress(progress, 0.0, 0.9))
@@ -901,8 +903,7 @@ def centerline_file(
 
 def write_centerlines(tree: CenterlineTree, out_dir: str | os.PathLike) -> list[Path]:
     """Write :data:`CENTERLINE_FILES` of ``tree`` into ``out_dir`` (created if needed); returns their paths."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = output_folder(out_dir)
     paths = [write_vtp(tree, out_dir / CENTERLINE_FILES[0]), write_markups(tree, out_dir / CENTERLINE_FILES[1])]
     paths += write_branch_table(tree, out_dir / CENTERLINE_FILES[2], out_dir / CENTERLINE_FILES[3])
     return paths
@@ -923,8 +924,7 @@ def route_file(
         Folder for :data:`ROUTE_FILES`.
     """
     refuse_overwriting_inputs([centerlines_path], [Path(out_dir) / name for name in ROUTE_FILES])
+    out_dir = output_folder(out_dir)
     airway_route = route(read_centerlines(centerlines_path), target_xyz)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     paths = list(write_route(airway_route, out_dir / ROUTE_FILES[0], out_dir / ROUTE_FILES[1]))
     return airway_route, paths

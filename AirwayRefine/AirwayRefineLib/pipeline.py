@@ -33,7 +33,7 @@ from AirwaySegmentationLib.inference_settings import InferenceSettings
 from AirwaySegmentationLib.infer import CancelToken
 from AirwaySegmentationLib.progress import ProgressCallback, report, sub_progress
 from AirwaySegmentationLib.segment import SegmentationModel, load_segmentation_model, segment_ct
-from AirwaySegmentationLib.volume import read_ct, refuse_overwriting_inputs, write_json, write_volume
+from AirwaySegmentationLib.volume import output_folder, read_ct, refuse_overwriting_inputs, write_json, write_volume
 
 from .centerline import CENTERLINE_FILES, extract_centerlines, write_centerlines
 from .connect import load_connection_model
@@ -102,12 +102,8 @@ def run_pipeline(
     PipelineResult
     """
     started = time.perf_counter()
-    out = Path(out_dir)
-    refuse_overwriting_inputs([ct_path], [out / name for name in PIPELINE_FILES])
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError):
-        raise AirwayInputError(f"Cannot write into {out}: it is a file, not a folder.") from None
+    refuse_overwriting_inputs([ct_path], [Path(out_dir) / name for name in PIPELINE_FILES])
+    out = output_folder(out_dir)
     # Both models first: a wrong name fails before minutes of work.
     stage1 = model if isinstance(model, SegmentationModel) else load_segmentation_model(model)
     stage2 = connection_model if isinstance(connection_model, SegmentationModel) else load_connection_model(connection_model)

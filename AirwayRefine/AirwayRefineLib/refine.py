@@ -31,7 +31,7 @@ from AirwaySegmentationLib.infer import CancelToken
 from AirwaySegmentationLib.progress import ProgressCallback, report, sub_progress
 from AirwaySegmentationLib.segment import SegmentationModel
 from AirwaySegmentationLib.volume import (
-    Volume, atomic_outputs, check_ct, read_ct, read_label, refuse_overwriting_inputs, to_sitk, write_json,
+    Volume, atomic_outputs, check_ct, output_folder, read_ct, read_label, refuse_overwriting_inputs, to_sitk, write_json,
 )
 
 from .connect import BreakPrediction, find_breaks, load_connection_model, merge_breaks
@@ -188,11 +188,7 @@ def write_refinement(result: RefineResult, out_dir: str | os.PathLike) -> list[s
     """Write :data:`REFINE_FILES` into ``out_dir``, all or none; returns their names."""
     import SimpleITK as sitk
 
-    out_dir = Path(out_dir)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError):
-        raise AirwayInputError(f"Cannot write into {out_dir}: it is a file, not a folder.") from None
+    out_dir = output_folder(out_dir)
     paths = [out_dir / name for name in REFINE_FILES]
     with atomic_outputs(paths) as (labels_tmp, attention_tmp, breaks_tmp):
         sitk.WriteImage(to_sitk(result.labels), str(labels_tmp), True)

@@ -34,7 +34,7 @@ from pathlib import Path
 from .data import CHANNEL_SUFFIX, name_with_ending
 from .errors import AirwayInputError
 from .progress import Cancelled, ProgressCallback, report, sub_progress
-from .volume import IMAGE_SUFFIXES, write_json
+from .volume import IMAGE_SUFFIXES, output_folder, write_json
 
 #: Name of the file that marks a finished case in its output folder.
 MANIFEST_NAME = "manifest.json"
@@ -450,10 +450,7 @@ def run_cases(
     start = time.perf_counter()
     out_dir = Path(out_dir)
     created = not out_dir.exists()
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise AirwayInputError(f"Cannot create the output folder {out_dir} ({error.strerror or error}).") from None
+    output_folder(out_dir)
     settings = json.loads(json.dumps(dict(settings)))  # as a manifest gives them back (tuples become lists)
     summary = BatchSummary()
     total = len(cases)

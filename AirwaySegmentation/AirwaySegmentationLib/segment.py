@@ -56,7 +56,7 @@ from .models import load_model
 from .preprocess import InputSpec, crop_to_body, inside_body
 from .progress import ProgressCallback, report, sub_progress
 from .orientation import canonical
-from .volume import Geometry, Volume, atomic_outputs, check_ct, read_ct, refuse_overwriting_inputs, to_sitk
+from .volume import Geometry, Volume, atomic_outputs, check_ct, output_folder, read_ct, refuse_overwriting_inputs, to_sitk
 
 #: Files one segmentation writes into its output folder.
 LABELS_FILE = "labels.nii.gz"
@@ -315,11 +315,7 @@ def write_result(result: SegmentationResult, out_dir: str | os.PathLike) -> list
     """
     import SimpleITK as sitk
 
-    out_dir = Path(out_dir)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError):
-        raise AirwayInputError(f"Cannot write into {out_dir}: it is a file, not a folder.") from None
+    out_dir = output_folder(out_dir)
     volumes = {LABELS_FILE: result.labels, AIRWAY_FILE: result.airway}
     if result.probability is not None:
         volumes[PROBABILITY_FILE] = result.probability

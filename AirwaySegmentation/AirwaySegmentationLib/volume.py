@@ -448,6 +448,19 @@ def _fmt(values: tuple[float, ...]) -> str:
     return "(" + ", ".join(f"{v:.4g}" for v in values) + ")"
 
 
+def output_folder(path: str | os.PathLike) -> Path:
+    """Create the output folder ``path`` (and its parents) if needed and return it; a clear
+    :class:`AirwayInputError` when it is a file or cannot be created."""
+    folder = Path(path)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise AirwayInputError(f"Cannot write into {folder}: it is a file, not a folder.") from None
+    except OSError as error:
+        raise AirwayInputError(f"Cannot create the output folder {folder} ({error.strerror or error}).") from None
+    return folder
+
+
 def refuse_overwriting_inputs(inputs: Iterable[str | os.PathLike], outputs: Iterable[str | os.PathLike]) -> None:
     """Raise :class:`AirwayInputError` when an output path names one of the input files.
 
