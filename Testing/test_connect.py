@@ -109,6 +109,19 @@ def test_a_bridge_bulging_off_its_gap_keeps_the_lumen_tube_along_it(monkeypatch)
     assert cc3d.connected_components(merged > 0, connectivity=26, return_N=True)[1] == 1
 
 
+def test_a_bridge_across_a_noisy_lumen_keeps_the_lumen_width():
+    """The lumen radius is that of the branch where the bridge meets it, not the one voxel between
+    its cut face and the gap; with noise in the lumen the darkest path is one line of voxels, so
+    a radius read at the face would keep that line alone."""
+    ct, labels, gap = tube_case()
+    noisy = ct + np.random.default_rng(0).integers(-20, 21, ct.shape)
+    noisy = np.where(ct == -1000, np.minimum(noisy, -940), noisy).astype(np.int16)  # still lumen for the oracle
+    (bridge,) = [b for b in find_breaks(noisy, labels, (1.0, 1.0, 1.0), oracle(), FLOAT32).breaks if b.connected]
+    kept = np.zeros(ct.shape, dtype=bool)
+    kept[tuple(bridge.bridge_zyx.T)] = True
+    assert kept[gap].sum() >= 0.6 * gap.sum() and not (kept & ~gap).any()
+
+
 def test_a_bridge_across_a_thin_lumen_keeps_its_darkest_face_connected_path():
     # A lumen one voxel wide (-1000 HU) with a 5-voxel gap inside a darker-than-tissue sleeve
     # 3 x 3 voxels wide (-950 HU): the oracle predicts the whole sleeve, and every straight

@@ -32,7 +32,9 @@ Choices where the paper is silent (each also said where it is made):
     tools use (a piece that only reaches a component diagonally falls back to its shortest
     26-connected paths);
   - the *radius* is the lumen radius of the thinner of the two pieces where the bridge meets
-    them: their distance transform at the contact, less half a voxel (a lumen one voxel wide
+    them: the widest ball inside each piece that reaches the contact (the rule of the
+    widening guard below; at a branch's cut end the contact voxels themselves lie one voxel
+    from the gap, whatever the lumen's width), less half a voxel (a lumen one voxel wide
     keeps the axis alone);
   - of the rest, only voxels within that radius of the axis stay, and only those with
     ``dA(x) + dB(x) <= L + v``: ``dA``, ``dB`` the geodesic distances (mm) inside the
@@ -442,10 +444,12 @@ def _lumen_tube(piece: np.ndarray, comp: np.ndarray, hu_zyx: np.ndarray, touched
     around = ndimage.binary_dilation(bridge, all_neighbours)
     for label in sorted(touched):
         side = labels == label
-        # The lumen radius where the bridge meets this piece: its distance transform there
-        # (a one-voxel-wide lumen has 1 voxel), less half a voxel.
+        # The lumen radius where the bridge meets this piece: the widest ball inside the piece
+        # that reaches the contact (at a branch's cut end the contact itself is one voxel from
+        # the gap, whatever the lumen's width), less half a voxel.
         contact = around & side
-        radius = min(radius, float(inside_mm[contact].max()) - step / 2)
+        from_contact = ndimage.distance_transform_edt(~contact, sampling=spacing)
+        radius = min(radius, float(inside_mm[side & (from_contact <= inside_mm + step)].max()) - step / 2)
         starts = np.argwhere(bridge & ndimage.binary_dilation(side, all_neighbours))
         through += MCP_Geometric(length_costs, sampling=spacing).find_costs(starts)[0]
         faces = np.argwhere(bridge & ndimage.binary_dilation(side))  # face neighbours of the piece
