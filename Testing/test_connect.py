@@ -272,6 +272,27 @@ def test_a_break_across_a_trachea_wider_than_the_measuring_reach_is_bridged():
     assert only.connected and not only.rejected
 
 
+def test_a_region_bridged_to_a_stray_fragment_never_replaces_the_tree():
+    """Bridges the tree never reaches are not judged by the widening guard; what they join may
+    outgrow the tree, but the merge keeps the tree."""
+    shape = (28, 60, 100)
+    z, y, x = np.indices(shape)
+    tree = ((z - 14) ** 2 + (y - 10) ** 2 <= 16) & (x >= 2) & (x < 62)  # radius 4
+    fragment = ((z - 14) ** 2 + (y - 40) ** 2 <= 4) & (x >= 2) & (x < 72)  # radius 2, apart from the tree
+    gap = ((z - 14) ** 2 + (y - 40) ** 2 <= 4) & (x >= 72) & (x < 76)
+    region = (z - 14) ** 2 + (y - 40) ** 2 + (x - 84) ** 2 <= 64  # radius 8, beyond the gap
+    ct = np.where(tree | fragment | gap | region, -1000, -850).astype(np.int16)
+    labels = np.zeros(shape, dtype=np.uint8)
+    labels[tree], labels[fragment], labels[region & ~gap] = 1, 2, 3
+    assert (fragment | region).sum() > tree.sum()
+    prediction = find_breaks(ct, labels, (1.0, 1.0, 1.0), oracle(), FLOAT32)
+    assert any(b.connected and not b.rejected for b in prediction.breaks)  # the fragment's bridge to the region
+    refined, merged_ids, components = merge_selected(Volume(labels, Geometry()), prediction, "all")
+    np.testing.assert_array_equal(refined.array_zyx > 0, tree)
+    assert merged_ids == [] and components == 2
+    np.testing.assert_array_equal(merge_breaks(labels, prediction, (1.0, 1.0, 1.0)) > 0, tree)
+
+
 def test_the_widening_guard_does_not_depend_on_the_order_of_the_breaks():
     # A tree whose wide part (radius 4) narrows to a thin branch (radius 1), and a region W of
     # radius 6 that a bridge reaches from each part: the thin one is refused whichever comes
@@ -290,7 +311,7 @@ def test_the_widening_guard_does_not_depend_on_the_order_of_the_breaks():
     statistics = cc3d.statistics(components)
     outcomes = []
     for order in ([thin, wide], [wide, thin]):
-        owned, reasons = connect._refuse_widening([[b] for b in order], components, statistics, (1.0, 1.0, 1.0))
+        owned, reasons = connect._refuse_widening([[b] for b in order], components, statistics, 1, (1.0, 1.0, 1.0))
         outcomes.append({("thin" if b is thin else "wide"): (bool(kept), reason) for b, kept, reason in zip(order, owned, reasons)})
     assert outcomes[0] == outcomes[1]
     assert outcomes[0]["wide"] == (True, "") and not outcomes[0]["thin"][0]
@@ -306,7 +327,7 @@ def test_merging_a_chosen_subset_and_refusing_impossible_choices():
     assert not none[gap].any()
     _, y, _ = np.indices(ct.shape)
     assert np.array_equal(none > 0, (labels == 3) & (y < 20))  # the largest piece only (x >= 34 is longer)
-    chosen = merge_breaks(labels, prediction, (1.0, 1.0, 1.0), break_ids=[bridged.id], keep_largest_component=False)
+    chosen = merge_breaks(labels, prediction, (1.0, 1.0, 1.0), break_ids=[bridged.id], keep_tree=False)
     assert chosen[gap].all() and (chosen[labels > 0] == labels[labels > 0]).all()
     with pytest.raises(AirwayInputError, match=f"Break {unbridged.id} has no predicted bridge"):
         merge_breaks(labels, prediction, (1.0, 1.0, 1.0), break_ids=[unbridged.id])

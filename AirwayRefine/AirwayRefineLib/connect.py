@@ -7,7 +7,8 @@ connection network on all of them in batches and turns each prediction into a
 :class:`Break`: where it is, how long the gap is, which two components it lies between, and
 the bridge the network predicts.  :func:`merge_breaks` then adds the bridges of all or of a
 chosen subset of breaks (a clinician accepts or rejects each one) to the labels and keeps the
-largest component, as DeepTree does.  Nothing is predicted twice: choosing another subset
+largest component, as DeepTree does (precisely: the component holding the stage-1 tree,
+:func:`tree_component`).  Nothing is predicted twice: choosing another subset
 only merges again.
 
 Choices where the paper is silent (each also said where it is made):
@@ -57,9 +58,10 @@ Choices where the paper is silent (each also said where it is made):
   any were (``rejected``); one left with none is not connected.  Each ring of bridges is
   judged against the tree as it stood before that ring, so the outcome does not depend on
   the order of the breaks; a piece between components that joined the tree in the same ring
-  closes a loop and is kept.  Bridges that the tree never reaches are left as they are (the
-  largest-component step drops what they join; a merge that keeps every component keeps
-  them, apart from the tree).  A stage-1 false-positive region in the lung, a blob several
+  closes a loop and is kept.  Bridges that the tree never reaches are left as they are: the
+  merge keeps the tree (:func:`tree_component`), so what they join is dropped even when it
+  has grown larger than the tree; a merge that keeps every component keeps them, apart from
+  the tree.  A stage-1 false-positive region in the lung, a blob several
   millimetres wide, so cannot be joined to a peripheral bronchus through a chain of
   fragments.
 * *Confidence*: the mean predicted probability over the bridge's voxels; for a break without
@@ -87,7 +89,7 @@ import numpy as np
 from scipy import ndimage
 from skimage.graph import MCP_Geometric
 
-from AirwaySegmentationLib.arrays import as_spacing_zyx, bounding_box, check_connectivity, grow_box, largest_component
+from AirwaySegmentationLib.arrays import as_spacing_zyx, bounding_box, check_connectivity, grow_box
 from AirwaySegmentationLib.errors import AirwayInputError
 from AirwaySegmentationLib.inference_settings import InferenceSettings
 from AirwaySegmentationLib.infer import CancelToken, SlidingWindow, check_threshold
@@ -235,11 +237,16 @@ class BreakPrediction:
     components_before : int
         Connected components of the stage-1 mask.
     breaks : list of Break
+    tree_voxel_zyx : tuple of 3 int or None
+        A voxel of the stage-1 tree (its largest component), which the merge keeps with
+        whatever the bridges join to it; None when there is nothing to bridge (the merge then
+        keeps the largest component, which is the tree).
     """
 
     attention_zyx: np.ndarray = field(repr=False)
     components_before: int
     breaks: list[Break]
+    tree_voxel_zyx: tuple[int, int, int] | None = None
 
     @property
     def refused(self) -> int:
@@ -336,12 +343,16 @@ def find_breaks(
         for bridge in reading.bridges:
             peak = tuple(bridge.voxels_zyx[np.argmax(attention[tuple(bridge.voxels_zyx.T)])])
             owned[patch_of_blob.get(int(blobs_zyx[peak]), index)].append(bridge)
-    owned, reasons = _refuse_widening(owned, components, statistics, spacing)
+    tree = int(np.argmax(statistics["voxel_counts"][1:])) + 1  # the stage-1 tree: the largest component
+    owned, reasons = _refuse_widening(owned, components, statistics, tree, spacing)
     breaks = [
         _make_break(index, reading, bridges, statistics["voxel_counts"], reason)
         for index, (reading, bridges, reason) in enumerate(zip(readings, owned, reasons), start=1)
     ]
-    prediction = BreakPrediction(attention, int(count), breaks)
+    box = statistics["bounding_boxes"][tree]
+    first = np.unravel_index(int(np.argmax(components[box] == tree)), components[box].shape)
+    tree_voxel = tuple(int(axis.start + index) for axis, index in zip(box, first))
+    prediction = BreakPrediction(attention, int(count), breaks, tree_voxel)
     report(progress, 1.0, f"{sum(b.connected for b in breaks)} of {len(breaks)} breaks bridged"
            + (f", {prediction.refused} refused as widening" if prediction.refused else ""))
     return prediction
@@ -482,11 +493,12 @@ def _make_break(index: int, reading: _PatchReading, bridges: list[_Bridge], size
 
 
 def _refuse_widening(
-    owned: list[list[_Bridge]], components: np.ndarray, statistics: dict, spacing: tuple[float, float, float]
+    owned: list[list[_Bridge]], components: np.ndarray, statistics: dict, tree_label: int,
+    spacing: tuple[float, float, float],
 ) -> tuple[list[list[_Bridge]], list[str]]:
     """Each break's bridges without those that widen the tree, and why any were refused (module
     docstring, "Widening guard"; an empty reason where none was).  ``statistics`` is
-    ``cc3d.statistics(components)``."""
+    ``cc3d.statistics(components)``, ``tree_label`` the stage-1 tree's component."""
     reasons = ["" for _ in owned]
     waiting = [(index, bridge) for index, bridges in enumerate(owned) for bridge in bridges]
     if not waiting:
@@ -523,7 +535,7 @@ def _refuse_widening(
                 return min(widest, RADIUS_REACH_MM)
             reach_mm *= 2
 
-    tree = {int(np.argmax(statistics["voxel_counts"][1:])) + 1}
+    tree = {tree_label}
     refused: set[int] = set()
     while waiting:  # outwards from the tree, one ring of bridges at a time
         reached = frozenset(tree)  # the tree before this ring: the order of the bridges does not matter
@@ -584,7 +596,7 @@ def merge_breaks(
     prediction: BreakPrediction,
     spacing_zyx: Sequence[float],
     break_ids: Iterable[int] | None = None,
-    keep_largest_component: bool = True,
+    keep_tree: bool = True,
     connectivity: int = 26,
 ) -> np.ndarray:
     """Add the bridges of the chosen breaks to the labels.
@@ -600,8 +612,8 @@ def merge_breaks(
     break_ids : iterable of int, optional
         Breaks to connect; None: every connected break.  Choosing a break without a bridge
         (none predicted, or every piece refused by the widening guard) is an error.
-    keep_largest_component : bool
-        Keep only the largest component afterwards (DeepTree's final step).
+    keep_tree : bool
+        Keep only the tree afterwards (:func:`tree_component`, DeepTree's final step).
     connectivity : int
         Connectivity of that component.
 
@@ -643,6 +655,31 @@ def merge_breaks(
         classes = labels[box][tuple(index[local] for index in nearest)]
         target = tuple(axis[new] for axis in voxels.T)
         out[target] = classes[new]
-    if keep_largest_component and out.any():
-        out[~largest_component(out > 0, connectivity)] = 0
+    if keep_tree:
+        out[~tree_component(out, prediction, connectivity)[0]] = 0
     return out
+
+
+def tree_component(merged_zyx: np.ndarray, prediction: BreakPrediction, connectivity: int = 26) -> tuple[np.ndarray, int]:
+    """The tree after a merge, and the number of components the merge left.
+
+    DeepTree keeps the largest component.  That is the component holding the stage-1 tree
+    (``prediction.tree_voxel_zyx``) unless bridges between pieces the tree never reaches, which
+    the widening guard does not judge, joined something larger than the tree: the tree is kept
+    all the same, never a false-positive region hung off a stray fragment.
+
+    Returns
+    -------
+    tree : numpy.ndarray
+        bool, the kept component (all False for empty labels).
+    count : int
+        Components of ``merged_zyx > 0``.
+    """
+    components, count = cc3d.connected_components(np.asarray(merged_zyx) > 0, connectivity=connectivity, return_N=True)
+    if count == 0:
+        return np.zeros(components.shape, dtype=bool), 0
+    if prediction.tree_voxel_zyx is None:  # nothing was bridged: the largest component is the tree
+        label = int(np.argmax(np.bincount(components.ravel())[1:])) + 1
+    else:
+        label = int(components[prediction.tree_voxel_zyx])
+    return components == label, int(count)

@@ -242,7 +242,7 @@ def reconnection_metrics(
         truth at all (a bridge where the ground truth has none); ``single_component``: 100
         when the merged result (before keeping the largest component) is one component, else 0.
     """
-    merged = merge_breaks(simulation.broken_zyx, prediction, tree.spacing_zyx, keep_largest_component=False)
+    merged = merge_breaks(simulation.broken_zyx, prediction, tree.spacing_zyx, keep_tree=False)
     refined, components = largest_component_and_count(merged > 0, 26)
     by_id = {branch.id: branch for branch in tree.branches}
     reconnected = 0

@@ -24,7 +24,6 @@ from pathlib import Path
 import numpy as np
 
 from AirwaySegmentationLib import __version__
-from AirwaySegmentationLib.arrays import largest_component_and_count
 from AirwaySegmentationLib.errors import AirwayInputError
 from AirwaySegmentationLib.inference_settings import InferenceSettings
 from AirwaySegmentationLib.infer import CancelToken
@@ -34,7 +33,7 @@ from AirwaySegmentationLib.volume import (
     Volume, atomic_outputs, check_ct, output_folder, read_ct, read_label, refuse_overwriting_inputs, to_sitk, write_json,
 )
 
-from .connect import BreakPrediction, find_breaks, load_connection_model, merge_breaks
+from .connect import BreakPrediction, find_breaks, load_connection_model, merge_breaks, tree_component
 
 REFINED_LABELS_FILE = "labels.nii.gz"
 ATTENTION_FILE = "attention.nii.gz"
@@ -119,9 +118,9 @@ def merge_selected(
     """
     ids = _chosen(prediction, connect)
     spacing = stage1_labels.spacing_zyx
-    final = merge_breaks(stage1_labels.array_zyx, prediction, spacing, ids, keep_largest_component=False)
-    tree, components = largest_component_and_count(final > 0, 26)
-    final[~tree] = 0  # DeepTree: the largest component is the tree
+    final = merge_breaks(stage1_labels.array_zyx, prediction, spacing, ids, keep_tree=False)
+    tree, components = tree_component(final, prediction)
+    final[~tree] = 0  # DeepTree: the largest component is the tree (tree_component)
     chosen = [b for b in prediction.breaks if b.connected and (ids is None or b.id in ids)]
     merged_ids = [b.id for b in chosen if final[tuple(b.bridge_zyx.T)].any()]
     return stage1_labels.with_array(final), merged_ids, components
