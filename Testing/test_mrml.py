@@ -225,6 +225,18 @@ def test_labels_round_trip_through_segmentation_node(scene) -> None:
     _assert_same_geometry(back.geometry, OBLIQUE)
 
 
+def test_labels_written_into_a_transformed_segmentation_node_stay_in_place(scene) -> None:
+    transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    shift_ras = vtkMatrix4x4()
+    shift_ras.SetElement(0, 3, 10.0)
+    transform.SetMatrixTransformToParent(shift_ras)
+    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "Airway")
+    node.SetAndObserveTransformNodeID(transform.GetID())
+    labels = Volume(three_class_labels(), OBLIQUE)
+    mrml.segmentation_node_from_labels(labels, scene, "Airway", node=node)
+    np.testing.assert_array_equal(mrml.labels_from_segmentation_node(node, labels).array_zyx, labels.array_zyx)
+
+
 def test_reference_volume_sets_the_segmentation_geometry(scene) -> None:
     ct = mrml.node_from_volume(Volume(ct_values((9, 10, 11)), OBLIQUE), scene, "CT")
     node = mrml.segmentation_node_from_labels(Volume(three_class_labels(), OBLIQUE), scene, "Airway", ct)

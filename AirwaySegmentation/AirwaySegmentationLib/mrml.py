@@ -244,7 +244,10 @@ def segmentation_node_from_labels(
     segmentation.RemoveAllSegments()
     oriented_image = _mrml_class(segmentation, "vtkOrientedImageData")()
     labelmap = _image_from_voxels(np.ascontiguousarray(values, dtype=np.uint8), oriented_image)
-    labelmap.SetImageToWorldMatrix(_vtk_matrix_from_array(_RAS_FROM_LPS @ labels.geometry.ijk_to_lps))
+    # The labelmap's "world" is the node's own frame: undo a transform the node sits under
+    # (as node_from_volume does), so the labels land where the labels' geometry puts them.
+    world = _RAS_FROM_LPS @ labels.geometry.ijk_to_lps
+    labelmap.SetImageToWorldMatrix(_vtk_matrix_from_array(np.linalg.inv(_node_to_world(node)) @ world))
     segmentation.SetSourceRepresentationName(BINARY_LABELMAP)
     for airway_class in AIRWAY_CLASSES:
         segment = _mrml_class(segmentation, "vtkSegment")()
