@@ -355,6 +355,8 @@ def test_a_kill_between_the_checkpoint_files_leaves_a_resumable_run(tmp_path, mo
     assert (result.epochs, result.iterations) == (2, 2)
     assert json.loads((tmp_path / "last.json").read_text())["epoch"] == 2  # the copies were brought up to date
     assert len((tmp_path / "log.csv").read_text().splitlines()) == 3
+    # The best model comes after the commit point: the kill left it at epoch 1, the resume exported epoch 2.
+    assert json.loads((tmp_path / "best.json").read_text())["training"]["epoch"] == 2
 
 
 def test_extending_a_cosine_run_anneals_over_the_new_length(tmp_path) -> None:
@@ -404,6 +406,16 @@ def test_resume_refuses_another_config_and_no_resume_starts_over(tiny_run, tmp_p
         train(other, out)
     result = train(other, out, resume=False)
     assert result.epochs == 1 and len((out / "log.csv").read_text().splitlines()) == 2
+    # Starting over and killed in the first epoch: nothing of the discarded run is left to resume.
+
+    def killed(fraction: float, message: str) -> None:
+        if message.startswith("epoch 1/1"):
+            raise Cancelled("killed")
+
+    with pytest.raises(Cancelled):
+        train(config, out, resume=False, progress=killed)
+    assert not (out / "last.pt").exists()
+    train(config, out)  # the original configuration: a fresh run, no "another configuration"
 
 
 def test_init_fine_tunes_from_the_given_weights(tmp_path) -> None:

@@ -26,7 +26,11 @@ Outputs in ``out_dir``:
   is installed.
 - ``best.safetensors`` + ``best.json``: the model with the best validation score (for stage
   1 the mean ATM'22 score of the validation volumes, 0 when their mean precision is under
-  50%) and its model card (:func:`~AirwaySegmentationLib.models.export_model`).
+  50%) and its model card (:func:`~AirwaySegmentationLib.models.export_model`), written
+  after ``last.pt`` too: a kill in between leaves them one best epoch behind, and the resume
+  exports the checkpoint's model again when its epoch was the best.
+
+A run that starts over (``resume=False``) removes ``last.pt`` and its copies first.
 
 Resume: :func:`train` continues from ``last.pt`` after a kill, from the start of the epoch
 after the last one saved.  Every random source (patches, augmentation, dropout, the loss's
@@ -715,6 +719,23 @@ def _export_best(
     return weights
 
 
+def _restore_best(
+    model: nn.Module, out_dir: Path, config: TrainConfig, spec: InputSpec, state: TrainState,
+    command: str | None, task: TrainingTask,
+) -> None:
+    """On resume: export the best model again when the checkpoint's last epoch was the best and the
+    run was killed before ``best.json`` said so (``model`` holds that epoch's weights)."""
+    if state.best_epoch is None or state.best_epoch != state.epoch or not state.log:
+        return
+    try:
+        exported = json.loads((out_dir / "best.json").read_text())["training"]["epoch"]
+    except (OSError, ValueError, KeyError, TypeError):
+        exported = None
+    if exported != state.best_epoch:
+        metrics = {key: state.log[-1][key] for key in task.metric_names if state.log[-1].get(key, "") != ""}
+        _export_best(model, out_dir, config, spec, state, metrics, command, task)
+
+
 def train(
     config: TrainConfig,
     out_dir: str | os.PathLike,
@@ -752,6 +773,11 @@ def train(
     out_dir = Path(out_dir)
     task = SegmentationTask() if task is None else task
     runtime = start_runtime(config.runtime)
+    if not resume and runtime.is_main:
+        # Starting over: the old run's resume point goes now, so that a kill before the first
+        # epoch ends cannot leave it for a later run to resume.
+        for path in _checkpoint_paths(out_dir):
+            path.unlink(missing_ok=True)
     try:
         return _train(config, out_dir, progress if runtime.is_main else None, resume, init, command, runtime, task)
     finally:
@@ -782,6 +808,7 @@ def _train(
         scaler.load_state_dict(tensors["scaler"])
         if runtime.is_main:
             _write_copies(out_dir, tensors["sidecar"], state.log, _log_columns(task))
+            _restore_best(model, out_dir, config, spec, state, command, task)
     scheduler = _lr_scheduler(optimizer, config, state.iteration)
 
     task.load(config, runtime, progress)
@@ -870,10 +897,10 @@ def _finish_epoch(
         model.train()
     improved = bool(metrics) and (state.best_score is None or metrics[task.score_name] > state.best_score)
     # Without validation data the newest model is the one to keep.
-    if improved or not task.validates:
+    keep = improved or not task.validates
+    if keep:
         state.best_score = metrics.get(task.score_name)
         state.best_epoch = state.epoch
-        _export_best(model, out_dir, config, spec, state, metrics, command, task)
     row = {
         "epoch": state.epoch,
         "iteration": state.iteration,
@@ -897,3 +924,5 @@ def _finish_epoch(
     if packed_masks is not None:
         tensors["miss_masks"] = [torch.from_numpy(bits) for bits in packed_masks]
     _save_checkpoint(out_dir, tensors, state, config, spec, runtime.world_size, _log_columns(task))
+    if keep:  # after the commit point: a kill in between is repaired on resume (_restore_best)
+        _export_best(model, out_dir, config, spec, state, metrics, command, task)
