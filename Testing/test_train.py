@@ -437,6 +437,10 @@ def test_init_fine_tunes_from_the_given_weights(tmp_path) -> None:
     other = config_from_dict(tiny(network={"name": "wingsnet", "kwargs": {"base_width": 4}}))
     with pytest.raises(AirwayInputError, match="make \\[network\\] match"):
         train(other, tmp_path / "other", init=tmp_path / "start.safetensors")
+    # The same weights spelled otherwise (a default written out, another dropout) fine-tune.
+    respelled = tiny(schedule={"epochs": 1, "iterations_per_epoch": 1}, data=table["data"],
+                     network={"name": "wingsnet", "kwargs": {"base_width": 2, "in_channels": 2, "dropout": 0.1}})
+    train(config_from_dict(respelled), tmp_path / "respelled", init=tmp_path / "start.safetensors")
 
 
 def test_ddp_two_processes_on_cpu(tmp_path) -> None:

@@ -669,13 +669,18 @@ def _init_model(model: nn.Module, init: str | os.PathLike, config: TrainConfig) 
     """Load fine-tuning weights into ``model``; returns the input spec they were trained with."""
     source, card = load_model(init)
     architecture = card["architecture"]
-    wanted = {"name": config.network.name, "kwargs": config.network.kwargs}
-    if json.loads(json.dumps(wanted)) != {"name": architecture["name"], "kwargs": architecture.get("kwargs", {})}:
-        raise AirwayInputError(
-            f"The model {init} is a {architecture['name']} with {architecture.get('kwargs', {})}, not the configured "
-            f"{config.network.name} with {config.network.kwargs}; make [network] match it to fine-tune."
-        )
-    model.load_state_dict(source.state_dict())
+    mismatch = AirwayInputError(
+        f"The model {init} is a {architecture['name']} with {architecture.get('kwargs', {})}, not the configured "
+        f"{config.network.name} with {config.network.kwargs}; make [network] match it to fine-tune."
+    )
+    if architecture["name"] != config.network.name:
+        raise mismatch
+    # Same weights, not the same spelling: arguments left at their defaults, or ones that shape
+    # no weight (dropout), may differ between the card and the config.
+    try:
+        model.load_state_dict(source.state_dict())
+    except RuntimeError:  # missing, unexpected or differently shaped weights
+        raise mismatch from None
     return InputSpec.from_dict(card["input_spec"]) if "input_spec" in card else DEFAULT_INPUT_SPEC
 
 
