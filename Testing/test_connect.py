@@ -344,6 +344,8 @@ def test_one_component_has_no_breaks():
     prediction = find_breaks(ct, labels, (1.0, 1.0, 1.0), oracle(), FLOAT32)
     assert prediction.components_before == 1 and prediction.breaks == []
     assert not prediction.attention_zyx.any()
+    with pytest.raises(AirwayInputError, match="There is no break 1; these labels have no breaks"):
+        merge_breaks(labels, prediction, (1.0, 1.0, 1.0), break_ids=[1])
 
 
 def test_blob_labels_name_each_blob():

@@ -632,7 +632,8 @@ def merge_breaks(
         ids = sorted(set(int(i) for i in break_ids))
         unknown = [i for i in ids if i not in by_id]
         if unknown:
-            raise AirwayInputError(f"There is no break {unknown[0]}; the breaks are numbered 1 to {len(by_id)}.")
+            numbered = f"the breaks are numbered 1 to {len(by_id)}" if by_id else "these labels have no breaks"
+            raise AirwayInputError(f"There is no break {unknown[0]}; {numbered}.")
         unbridged = [by_id[i] for i in ids if not by_id[i].connected]
         if unbridged:
             first = unbridged[0]
