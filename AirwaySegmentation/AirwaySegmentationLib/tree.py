@@ -9,7 +9,8 @@ metrics (BD, per-class TD) computed here agree with the challenge's:
 3. skeleton voxels with 3 or more skeleton neighbours (26-neighbourhood) are junctions and are
    removed; the remaining pieces are labelled 26-connected and pieces of fewer than 5 voxels
    are dropped;
-4. every voxel of the mask goes to its nearest piece;
+4. every voxel of the mask goes to its nearest piece (scipy's distance transform in voxel
+   units, whose tie-breaking the script's tree depends on);
 5. the trachea is the branch with the most voxels; two branches are adjacent when their regions
    touch (one-voxel, 6-neighbour dilation); generations are breadth-first from the trachea;
 6. repeat until nothing changes: the parents of a branch with several parents are fused into
@@ -18,8 +19,6 @@ metrics (BD, per-class TD) computed here agree with the challenge's:
 
 Differences from the ATM'22 script, all deliberate:
 
-- the nearest piece (step 4) is found in mm (spacing-aware), not in voxel units; on isotropic
-  grids both agree;
 - merges are kept in a union-find, so a chain of fusions within one round ends in one branch
   (the script relabels voxels in place, and a label fused into an already-deleted label can
   survive under a stale number);
@@ -50,7 +49,7 @@ from dataclasses import dataclass, field
 import cc3d
 import edt
 import numpy as np
-from scipy import sparse
+from scipy import ndimage, sparse
 from scipy.sparse import csgraph
 from scipy.spatial import cKDTree
 from skimage.morphology import skeletonize
@@ -279,7 +278,7 @@ def parse_airway_tree(
     report(0.4, "Splitting the skeleton into branches")
     piece_of_node = _skeleton_pieces(graph)
     airway_points = np.argwhere(airway)
-    piece_of_voxel = _nearest_piece(airway_points, graph, piece_of_node, spacing)
+    piece_of_voxel = _nearest_piece(airway_points, airway.shape, graph, piece_of_node)
     piece_labels = np.zeros(airway.shape, dtype=np.int32)
     piece_labels[tuple(airway_points.T)] = piece_of_voxel + 1
 
@@ -594,12 +593,19 @@ def _skeleton_pieces(graph: SkeletonGraph) -> np.ndarray:
 
 
 def _nearest_piece(
-    points: np.ndarray, graph: SkeletonGraph, piece_of_node: np.ndarray, spacing: tuple[float, float, float]
+    points: np.ndarray, shape: tuple[int, ...], graph: SkeletonGraph, piece_of_node: np.ndarray
 ) -> np.ndarray:
-    """Piece index of the skeleton piece nearest (in mm) to each of ``points`` (N, 3)."""
-    kept = np.flatnonzero(piece_of_node >= 0)
-    _, nearest = cKDTree(graph.points_mm[kept]).query(points * np.asarray(spacing), workers=-1)
-    return piece_of_node[kept[nearest]]
+    """Piece index of the skeleton piece nearest to each of ``points`` (N, 3), in a crop of ``shape``.
+
+    As ATM'22 finds it: scipy's Euclidean distance transform in voxel units, whose
+    tie-breaking decides the many voxels equally near two pieces (a nearest-neighbour search
+    breaks those ties otherwise and can change the tree: 45 branches against 39 on one phantom).
+    """
+    kept = piece_of_node >= 0
+    grid = np.full(shape, -1, dtype=np.int32)
+    grid[tuple(graph.points[kept].T)] = piece_of_node[kept]
+    nearest = ndimage.distance_transform_edt(grid < 0, return_distances=False, return_indices=True)
+    return grid[tuple(axis[tuple(points.T)] for axis in nearest)].astype(np.int64)
 
 
 def _region_edges(piece_labels: np.ndarray, connectivity: int) -> np.ndarray:
