@@ -334,6 +334,28 @@ def test_top_of_a_cut_trachea_is_re_rooted():
     assert generations[groups[3]] == generations[groups[4]] == 1
 
 
+def test_refinement_follows_the_atm22_script_when_a_fusion_meets_an_emptied_label():
+    """Trachea 0 with children 1, 2, 3; branch 4 hangs from 1 and 3, branch 5 from 2 and 3.
+    The script fuses 3 into 1 for branch 4; fusing 3 into 2 for branch 5 then moves nothing
+    (3 is empty), and 4 and 5 merge into their only parents: three branches, not one."""
+    voxel_counts = np.array([100, 10, 10, 10, 10, 10])
+    edges = np.array([[0, 1], [0, 2], [0, 3], [1, 4], [3, 4], [2, 5], [3, 5]])
+    groups, parents, generations = _refine_hierarchy(voxel_counts, edges)
+    assert groups.tolist() == [0, 1, 2, 1, 1, 2]
+    assert parents == [None, 0, 0] and generations == [0, 1, 1]
+
+
+def test_reference_trees_of_phantoms_have_the_atm22_scripts_branches():
+    """Branch counts of the ATM'22 script (evaluation/tree_parse.py, re-implemented apart from
+    this project for a review) on two phantoms where ties in the nearest-piece search (seed
+    1: 39 branches) and merging fused chains at once (seed 6: 30) had given other trees."""
+    from AirwaySegmentationLib.phantom import generate_phantom
+
+    for seed, branches in ((1, 45), (6, 31)):
+        mask = generate_phantom(seed, (112, 160, 160), spacing_zyx=(0.8, 0.8, 0.8)).airway.array_zyx
+        assert len(parse_airway_tree(mask, (0.8, 0.8, 0.8), connectivity=6).branches) == branches
+
+
 def test_superior_direction_follows_the_direction_matrix():
     from AirwaySegmentationLib.volume import Geometry
 

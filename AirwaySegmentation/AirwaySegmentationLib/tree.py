@@ -19,9 +19,6 @@ metrics (BD, per-class TD) computed here agree with the challenge's:
 
 Differences from the ATM'22 script, all deliberate:
 
-- merges are kept in a union-find, so a chain of fusions within one round ends in one branch
-  (the script relabels voxels in place, and a label fused into an already-deleted label can
-  survive under a stale number);
 - when the 26-connected component (ATM'26 mode) touches itself only along an edge or a corner,
   regions that no 6-neighbour path reaches are joined through those 26-neighbour contacts, so
   every branch gets a generation (the script would leave them at generation 0 with no parent);
@@ -640,6 +637,17 @@ def _refine_hierarchy(
 ) -> tuple[np.ndarray, list[int | None], list[int]]:
     """ATM'22 refinement: fuse multiple parents, merge only children, until nothing changes.
 
+    The script relabels voxels, one whole label at a time; since every step moves all voxels
+    of a label, the same steps on the pieces' labels give its tree exactly, quirks included:
+
+    - a round fuses, in increasing label order, the parents of each branch with several
+      into the lowest-numbered one, then merges the only child of each branch into it
+      (neither deleted in this round);
+    - the relabelling runs twice per round (the script's check for refinement applies it
+      too), so a fusion into a label already fused away is redone once, and only once;
+    - the kept labels are then renumbered down over the deleted ones, one after another,
+      so the voxels left under a deleted label join the branch that takes its number.
+
     Parameters
     ----------
     voxel_counts : numpy.ndarray
@@ -652,38 +660,49 @@ def _refine_hierarchy(
     Returns
     -------
     group_of_piece : numpy.ndarray
-        (P,) branch (group) index of each piece; groups are numbered by their naming piece.
+        (P,) branch (group) index of each piece, numbered as the script's final labels.
     parent_of_group : list of int or None
     generation_of_group : list of int
     """
-    # Each piece names the branch it belongs to by its "representative" piece.  As in ATM'22
-    # a fused group keeps the lowest-numbered parent's name and a merged child takes its
-    # parent's, which fixes the order in which later rounds visit branches.
-    representative = np.arange(len(voxel_counts))
+    label = np.arange(len(voxel_counts))  # the script's label (less one) of each piece
+    count = len(voxel_counts)
     while True:
-        names, group_of_piece = np.unique(representative, return_inverse=True)
+        parents, generation = _generations(label, count, voxel_counts, edges, root_piece)
+        deleted: list[int] = []
+        for _ in range(2):
+            deleted = _relabel(label, parents)
+        if not deleted:
+            break
+        for kept in range(count):
+            if kept not in deleted:
+                label[label == kept] = kept - sum(d < kept for d in deleted)
+        count -= len(deleted)
+    # Labels left without pieces (emptied by a fusion) are no branches.
+    names, group_of_piece = np.unique(label, return_inverse=True)
+    if len(names) < count:
         parents, generation = _generations(group_of_piece, len(names), voxel_counts, edges, root_piece)
-        children: list[list[int]] = [[] for _ in names]
-        for group, group_parents in enumerate(parents):
-            for parent in group_parents:
-                children[parent].append(group)
-        merged_into = np.arange(len(names))
-        removed: set[int] = set()
-        for group_parents in parents:
-            if len(group_parents) > 1:
-                keep, *others = sorted(group_parents)
-                for other in others:
-                    _merge(merged_into, other, keep)
-                    removed.add(other)
-        for group, group_children in enumerate(children):
-            if len(group_children) == 1 and group not in removed and group_children[0] not in removed:
-                _merge(merged_into, group_children[0], group)
-                removed.add(group_children[0])
-        if not removed:
-            single_parent = [group_parents[0] if group_parents else None for group_parents in parents]
-            return group_of_piece, single_parent, generation
-        roots = np.array([_root(merged_into, group) for group in range(len(names))])
-        representative = names[roots[group_of_piece]]
+    return group_of_piece, [group_parents[0] if group_parents else None for group_parents in parents], generation
+
+
+def _relabel(label: np.ndarray, parents: list[list[int]]) -> list[int]:
+    """One pass of the script's relabelling on the pieces' labels (in place); the labels it deletes."""
+    children: list[list[int]] = [[] for _ in parents]
+    for group, group_parents in enumerate(parents):
+        for parent in group_parents:
+            children[parent].append(group)
+    deleted: list[int] = []
+    for group_parents in parents:
+        if len(group_parents) > 1:
+            keep, *others = sorted(group_parents)
+            for other in others:
+                label[label == other] = keep
+                if other not in deleted:
+                    deleted.append(other)
+    for group, group_children in enumerate(children):
+        if len(group_children) == 1 and group not in deleted and group_children[0] not in deleted:
+            label[label == group_children[0]] = group
+            deleted.append(group_children[0])
+    return deleted
 
 
 def _generations(
@@ -702,9 +721,10 @@ def _generations(
     else:
         trachea = int(group_of_piece[root_piece])
     matrix = sparse.coo_matrix((np.ones(len(group_edges)), tuple(group_edges.T)), shape=(n_groups, n_groups))
-    # The region graph is connected (the regions partition one component), so every group is reached.
+    # The regions partition one component, so every group with pieces is reached; a group a
+    # fusion emptied during the refinement is not (generation -1, no parent, no child).
     depth = csgraph.shortest_path(matrix.tocsr(), directed=False, unweighted=True, indices=trachea)
-    generation = depth.astype(np.int64)
+    generation = np.where(np.isfinite(depth), depth, -1).astype(np.int64)
     parents: list[list[int]] = [[] for _ in range(n_groups)]
     for a, b in np.unique(np.sort(group_edges, axis=1), axis=0):
         if generation[b] == generation[a] + 1:
@@ -712,20 +732,6 @@ def _generations(
         elif generation[a] == generation[b] + 1:
             parents[a].append(int(b))
     return parents, generation.tolist()
-
-
-def _root(merged_into: np.ndarray, group: int) -> int:
-    while merged_into[group] != group:
-        merged_into[group] = merged_into[merged_into[group]]
-        group = merged_into[group]
-    return int(group)
-
-
-def _merge(merged_into: np.ndarray, group: int, into: int) -> None:
-    """Union-find: the branch of ``group`` becomes part of (and takes the name of) the branch of ``into``."""
-    source, target = _root(merged_into, group), _root(merged_into, into)
-    if source != target:
-        merged_into[source] = target
 
 
 def _breadth_first_ids(
