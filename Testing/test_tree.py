@@ -345,6 +345,18 @@ def test_refinement_follows_the_atm22_script_when_a_fusion_meets_an_emptied_labe
     assert parents == [None, 0, 0] and generations == [0, 1, 1]
 
 
+def test_a_chain_of_three_fusions_leaves_no_piece_under_a_deleted_label():
+    """Parents 1-4 of the trachea, branch 5 under 1 and 2, 6 under 2 and 3, 7 under 3 and 4:
+    fusing 2 into 1, 3 into 2 and 4 into 3 in that order leaves 4's voxels under the deleted
+    label 2 after the script's two passes (there, 6 would take them when renumbered onto 2);
+    they go where the fusions meant, with 1."""
+    voxel_counts = np.array([100, 10, 10, 10, 10, 10, 10, 10])
+    edges = np.array([[0, 1], [0, 2], [0, 3], [0, 4], [1, 5], [2, 5], [2, 6], [3, 6], [3, 7], [4, 7]])
+    groups, parents, generations = _refine_hierarchy(voxel_counts, edges)
+    assert groups.tolist() == [0, 0, 0, 0, 0, 0, 1, 2]
+    assert parents == [None, 0, 0] and generations == [0, 1, 1]
+
+
 def test_reference_trees_of_phantoms_have_the_atm22_scripts_branches():
     """Branch counts of the ATM'22 script (evaluation/tree_parse.py, re-implemented apart from
     this project for a review) on two phantoms where ties in the nearest-piece search (seed

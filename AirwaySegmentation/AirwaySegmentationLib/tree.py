@@ -644,9 +644,11 @@ def _refine_hierarchy(
       into the lowest-numbered one, then merges the only child of each branch into it
       (neither deleted in this round);
     - the relabelling runs twice per round (the script's check for refinement applies it
-      too), so a fusion into a label already fused away is redone once, and only once;
-    - the kept labels are then renumbered down over the deleted ones, one after another,
-      so the voxels left under a deleted label join the branch that takes its number.
+      too), so a fusion into a label already fused away is redone once; where pieces are
+      still left under a deleted label (a chain of three fusions), it runs again until none
+      are (the script would index past its maps there, or join them to whichever branch is
+      renumbered onto that label: a deliberate difference);
+    - the kept labels are then renumbered down over the deleted ones.
 
     Parameters
     ----------
@@ -670,6 +672,11 @@ def _refine_hierarchy(
         parents, generation = _generations(label, count, voxel_counts, edges, root_piece)
         deleted: list[int] = []
         for _ in range(2):
+            deleted = _relabel(label, parents)
+        # A chain of three fusions in the wrong order still leaves pieces under a deleted
+        # label after two passes; the script would then fail or join them to whichever branch
+        # is renumbered onto that label.  More passes finish the fusions it meant.
+        while deleted and np.isin(label, deleted).any():
             deleted = _relabel(label, parents)
         if not deleted:
             break
