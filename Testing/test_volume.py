@@ -327,3 +327,18 @@ def test_an_output_that_names_an_input_is_refused(tmp_path: Path) -> None:
             refuse_overwriting_inputs([tmp_path / "ct.nii.gz", source], [tmp_path / "out.nii.gz", output])
     refuse_overwriting_inputs([source], [tmp_path / "case" / "airway.nii.gz", tmp_path / "other" / "labels.nii.gz"])
     assert source.read_bytes() == b"labels"
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nii"])
+def test_a_nifti_file_cut_short_is_refused(tmp_path: Path, suffix: str) -> None:
+    """ITK reads the voxels missing from a truncated NIfTI file as zeros without a word."""
+    array = np.random.default_rng(0).integers(-1000, 1000, (20, 30, 40)).astype(np.int16)
+    path = tmp_path / f"ct{suffix}"
+    write_volume(Volume(array, OBLIQUE), path)
+    np.testing.assert_array_equal(read_volume(path).array_zyx, array)
+    whole = path.read_bytes()
+    for share in (0.9, 0.3):
+        cut = tmp_path / f"cut{suffix}"
+        cut.write_bytes(whole[: int(len(whole) * share)])
+        with pytest.raises(AirwayInputError, match="truncated"):
+            read_volume(cut)

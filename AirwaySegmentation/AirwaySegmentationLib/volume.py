@@ -11,9 +11,12 @@ with a one-sentence message.
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
+import struct
 import tempfile
+import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -218,10 +221,61 @@ def _read_image(path: Path) -> sitk.Image:
         return _read_dicom_series(path)
     if not os.access(path, os.R_OK):
         raise AirwayInputError(f"{path} cannot be read (permission denied); check the file's permissions.")
+    if _suffix(path) in (".nii", ".nii.gz"):
+        _check_nifti_complete(path)
     try:
         return sitk.ReadImage(str(path))
     except RuntimeError as error:
         raise AirwayInputError(_describe_read_error(path, error)) from None
+
+
+def _nifti_bytes(header: bytes) -> int | None:
+    """Bytes a NIfTI-1 or NIfTI-2 file holds up to the end of its image data (``vox_offset`` plus
+    the voxels), from its header; None when ``header`` is not one."""
+    for order in "<>":
+        if len(header) >= 348 and struct.unpack(order + "i", header[:4])[0] == 348:
+            dims = struct.unpack(order + "8h", header[40:56])
+            bitpix = struct.unpack(order + "h", header[72:74])[0]
+            offset = int(struct.unpack(order + "f", header[108:112])[0])
+        elif len(header) >= 540 and struct.unpack(order + "i", header[:4])[0] == 540:
+            dims = struct.unpack(order + "8q", header[16:80])
+            bitpix = struct.unpack(order + "h", header[14:16])[0]
+            offset = struct.unpack(order + "q", header[168:176])[0]
+        else:
+            continue
+        if not 1 <= dims[0] <= 7 or bitpix <= 0 or any(n < 1 for n in dims[1 : dims[0] + 1]):
+            return None
+        return offset + int(np.prod(dims[1 : dims[0] + 1], dtype=np.int64)) * bitpix // 8
+    return None
+
+
+def _check_nifti_complete(path: Path) -> None:
+    """Refuse a NIfTI file cut short (a copy or download that stopped): ITK reads the missing
+    voxels as zeros without a word."""
+    compressed = _suffix(path) == ".nii.gz"
+    try:
+        if compressed:
+            with gzip.open(path, "rb") as stream:
+                expected = _nifti_bytes(stream.read(540))
+            # The gzip trailer holds the data's length (mod 2^32); only a mismatch costs a full
+            # decompression (a file of several gzip members has the last one's length there).
+            with open(path, "rb") as stream:
+                stream.seek(-4, os.SEEK_END)
+                trailer = struct.unpack("<I", stream.read(4))[0]
+            if expected is None or trailer == expected % 2**32:
+                return
+            with gzip.open(path, "rb") as stream:
+                size = sum(len(chunk) for chunk in iter(lambda: stream.read(1 << 24), b""))
+        else:
+            with open(path, "rb") as stream:
+                expected = _nifti_bytes(stream.read(540))
+            size = path.stat().st_size
+    except (OSError, EOFError, zlib.error):
+        raise AirwayInputError(f"{path} is truncated or damaged (its compressed data ends early); copy it again.") from None
+    if expected is not None and size < expected:
+        raise AirwayInputError(
+            f"{path} is truncated: its header promises {expected} bytes but it holds {size}; copy it again."
+        )
 
 
 def _read_dicom_series(folder: Path) -> sitk.Image:
