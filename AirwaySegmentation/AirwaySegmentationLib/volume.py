@@ -253,6 +253,10 @@ def _check_nifti_complete(path: Path) -> None:
     """Refuse a NIfTI file cut short (a copy or download that stopped): ITK reads the missing
     voxels as zeros without a word."""
     compressed = _suffix(path) == ".nii.gz"
+    if compressed:
+        with open(path, "rb") as stream:
+            if stream.read(2) != b"\x1f\x8b":
+                return  # not gzip at all: ITK says what it is not
     try:
         if compressed:
             with gzip.open(path, "rb") as stream:
