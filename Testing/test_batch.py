@@ -284,6 +284,31 @@ def test_crash_leaves_no_manifest_and_the_next_run_redoes_the_case(tmp_path, col
     assert process.calls == ["b"] and (summary.done, summary.skipped, summary.exit_code) == (1, 2, 0)
 
 
+def test_a_redo_that_fails_leaves_none_of_the_last_runs_outputs(tmp_path, collection):
+    run_cases(collection, tmp_path / "out", Recorder(), collection=True, settings={"v": 1})
+
+    def unreadable(case, case_dir, progress):
+        raise AirwayInputError(f"{case.name} is not a readable image")
+
+    summary = run_cases(collection, tmp_path / "out", unreadable, collection=True, settings={"v": 2})
+    assert summary.done == 0 and len(summary.failed) == 3
+    assert not list((tmp_path / "out").rglob("result.txt")) and not list((tmp_path / "out").rglob(MANIFEST_NAME))
+
+
+def test_outputs_are_never_written_into_a_dicom_input_folder(tmp_path):
+    patients = tmp_path / "patients"
+    for name in ("p1", "p2"):
+        write_dicom_folder(patients / name)
+    cases, is_collection = find_inputs(patients)
+    summary = run_cases(cases, patients, Recorder(), collection=is_collection, settings={})
+    assert summary.done == 0 and [name for name, _ in summary.failed] == ["p1", "p2"]
+    assert "its own DICOM folder" in summary.failed[0][1]
+    assert sorted(p.name for p in (patients / "p1").iterdir()) == ["IM0001", "IM0002"]
+    single, _ = find_inputs(patients / "p1")
+    with pytest.raises(AirwayInputError, match="its own DICOM folder"):
+        run_cases(single, patients / "p1", Recorder(), collection=False, settings={})
+
+
 def test_a_failing_case_does_not_stop_the_others(tmp_path, collection):
     process = Recorder(fail_on=("a",))
     summary = run_cases(collection, tmp_path / "out", process, collection=True, settings={})

@@ -364,7 +364,11 @@ def _run_case(
     start = time.perf_counter()
     created = not case_dir.exists()
     case_dir.mkdir(parents=True, exist_ok=True)
+    earlier = _manifest_outputs(case_dir)
     (case_dir / MANIFEST_NAME).unlink(missing_ok=True)
+    # A redo that fails must not leave the last run's outputs beside no manifest, looking valid.
+    for name in earlier:
+        (case_dir / name).unlink(missing_ok=True)
     try:
         result = dict(process(case, case_dir, progress))
     except BaseException:
@@ -388,6 +392,17 @@ def _run_case(
         },
         case_dir / MANIFEST_NAME,
     )
+
+
+def _manifest_outputs(case_dir: Path) -> list[str]:
+    """The file names an earlier manifest in ``case_dir`` lists (plain names only), else none."""
+    try:
+        outputs = json.loads((case_dir / MANIFEST_NAME).read_text()).get("outputs")
+    except (OSError, ValueError, AttributeError):
+        return []
+    if not isinstance(outputs, list):
+        return []
+    return [name for name in outputs if isinstance(name, str) and name and Path(name).name == name]
 
 
 def _remove_if_empty(folder: Path, created: bool) -> None:
@@ -460,6 +475,10 @@ def run_cases(
         if collection and case_progress is not None:
             case_progress = _prefixed(case_progress, f"{case.name} ({k + 1}/{total}): ")
         try:
+            if case.path.is_dir() and case_dir.resolve() == case.path.resolve():
+                raise AirwayInputError(
+                    f"The outputs of {case.name} would go into its own DICOM folder {case.path}; give another --out."
+                )
             fingerprint = input_fingerprint(case.path)  # taken before the work: a change during it means redo
             if skip_finished and _is_finished(case_dir, fingerprint, settings):
                 summary.skipped += 1
