@@ -212,6 +212,14 @@ def test_without_breaks_or_centerlines(case, tmp_path):
     assert "<tr><th>components before</th><td>3</td></tr>" in page  # counted: the two gaps cut the tree in 3
 
 
+def test_dollar_signs_in_names_are_drawn_as_text(case, tmp_path):
+    """A "$" in a file or model name is no mathtext: it failed to parse and stopped airway run."""
+    title = r"Airway tree of a$\x$b.nii.gz"
+    png_path, html_path = write_report(tmp_path, **{**case, "title": title, "summary": {"stage-1 model": r"x$_{\frac}$"}})
+    assert imread(png_path).shape[:2] == (REPORT_SIZE_PX[1], REPORT_SIZE_PX[0])
+    assert "a$\\x$b.nii.gz" in html_path.read_text(encoding="utf-8")
+
+
 def test_empty_final_labels_still_give_a_report(case, tmp_path):
     empty = case["labels_after"].with_array(np.zeros_like(case["labels_after"].array_zyx))
     png_path, html_path = write_report(tmp_path, **{**case, "labels_after": empty, "centerlines": None})

@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import cc3d
+import matplotlib
 import numpy as np
 from matplotlib.artist import Artist
 from matplotlib.axes import Axes
@@ -157,10 +158,12 @@ def write_report(
     png_path, html_path = out_dir / REPORT_PNG, out_dir / REPORT_HTML
 
     rows = _table_rows(labels_before, labels_after, breaks, centerlines, summary)
-    figure, fallback_reason = _figure(ct, labels_after, attention, breaks, rows, title)
-    with atomic_outputs([png_path, html_path]) as (png_tmp, html_tmp):
-        figure.savefig(png_tmp, format="png", dpi=_DPI)
-        html_tmp.write_text(_html_page(title, png_tmp.read_bytes(), rows, breaks, fallback_reason), encoding="utf-8")
+    # Text is drawn as given: a "$" in a file or model name is no mathtext (it failed to parse).
+    with matplotlib.rc_context({"text.parse_math": False}):
+        figure, fallback_reason = _figure(ct, labels_after, attention, breaks, rows, title)
+        with atomic_outputs([png_path, html_path]) as (png_tmp, html_tmp):
+            figure.savefig(png_tmp, format="png", dpi=_DPI)
+            html_tmp.write_text(_html_page(title, png_tmp.read_bytes(), rows, breaks, fallback_reason), encoding="utf-8")
     return png_path, html_path
 
 
