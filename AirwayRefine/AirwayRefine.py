@@ -694,7 +694,7 @@ class AirwayRefineLogic(ScriptedLoadableModuleLogic):
             raise ValueError("Choose the dataset folder that receives the training pair.")
         name = training_case_name(caseName or inputVolume.GetName())
         ct = mrml.volume_from_node(inputVolume)
-        labels = mrml.labels_from_segmentation_node(segmentationNode, ct)
+        labels = mrml.labels_from_segmentation_node(segmentationNode, ct, refuse_others=True)
         return TrainingPairRequest(Path(datasetFolder), name, ct, labels, existing_case_files(datasetFolder, name))
 
     @staticmethod

@@ -289,6 +289,21 @@ def test_segments_map_by_name_or_terminology_else_binary(scene) -> None:
     np.testing.assert_array_equal(lone, (labels.array_zyx == 1).astype(np.uint8))
 
 
+def test_a_correction_painted_into_a_new_segment_is_refused_where_asked_not_dropped(scene) -> None:
+    labels = Volume(three_class_labels(), OBLIQUE)
+    node = mrml.segmentation_node_from_labels(labels, scene, "Airway")
+    # The Segment Editor's "Add" gives "Segment_4"; the user moves class 3 into it.
+    _segments(node)["airway_class_3"].SetName("Segment_4")
+    _segments(node)["airway_class_3"].SetTerminology("")
+    dropped = mrml.labels_from_segmentation_node(node, labels).array_zyx
+    assert not (dropped == 3).any() and (labels.array_zyx == 3).any()  # left out, as for files
+    with pytest.raises(AirwayInputError, match="'Segment_4' of 'Airway' holds voxels but is not an airway segment"):
+        mrml.labels_from_segmentation_node(node, labels, refuse_others=True)
+    _segments(node)["airway_class_3"].SetName("airway")
+    np.testing.assert_array_equal(mrml.labels_from_segmentation_node(node, labels, refuse_others=True).array_zyx,
+                                  (labels.array_zyx > 0).astype(np.uint8))
+
+
 def test_empty_segment_adds_nothing(scene) -> None:
     labels = Volume(three_class_labels(), OBLIQUE)
     node = mrml.segmentation_node_from_labels(labels, scene, "Airway")

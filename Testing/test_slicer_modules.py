@@ -835,6 +835,12 @@ def test_the_corrected_segmentation_is_added_to_the_training_set(refine_module, 
     assert [c.name for c in find_cases(tmp_path / "dataset")] == ["Chest_CT", "patient_7_stage_1"]
     with pytest.raises(ValueError, match="Choose the dataset folder"):
         logic.prepareTrainingPair(case.ct_node, refinement.segmentation, "")
+    # A fix painted into a segment the Segment Editor added is refused, not left out of the pair.
+    added = refinement.segmentation.GetSegmentation().GetSegment("airway_class_2")
+    added.SetName("Segment_4")
+    added.SetTerminology("")
+    with pytest.raises(AirwayInputError, match="'Segment_4' .* holds voxels but is not an airway segment"):
+        logic.prepareTrainingPair(case.ct_node, refinement.segmentation, tmp_path / "dataset")
 
 
 def test_the_modules_self_test_runs_on_a_slicer_core_scene(refine_module, slicer_core, converter_rules, monkeypatch) -> None:

@@ -345,7 +345,7 @@ def _labelmap_on_grid(image: Any, to_world_lps: np.ndarray, reference: Volume) -
     return _resample_nearest(values, values_ijk_to_lps, reference.geometry, reference.array_zyx.shape)
 
 
-def labels_from_segmentation_node(node: Any, reference: Volume) -> Volume:
+def labels_from_segmentation_node(node: Any, reference: Volume, *, refuse_others: bool = False) -> Volume:
     """An airway label map on the reference grid from a segmentation node.
 
     Segments are matched to our classes as :func:`~AirwaySegmentationLib.segfile.read_segmentation`
@@ -362,6 +362,10 @@ def labels_from_segmentation_node(node: Any, reference: Volume) -> Volume:
     reference : Volume
         The grid of the result (usually the CT the labels belong to); only its geometry and
         shape are used.
+    refuse_others : bool
+        Refuse a segment that holds voxels but is no airway segment, instead of leaving it
+        out: where the labels become training data, a correction painted into a new segment
+        (the Segment Editor names it "Segment_4") must not vanish without a word.
 
     Returns
     -------
@@ -371,7 +375,8 @@ def labels_from_segmentation_node(node: Any, reference: Volume) -> Volume:
     Raises
     ------
     AirwayInputError
-        No airway segment, no binary labelmap can be made, or a non-linear transform.
+        No airway segment, no binary labelmap can be made, a non-linear transform, or (with
+        ``refuse_others``) a non-airway segment that holds voxels.
     """
     segmentation = node.GetSegmentation()
     segment_ids = [segmentation.GetNthSegmentID(n) for n in range(segmentation.GetNumberOfSegments())]
@@ -382,14 +387,26 @@ def labels_from_segmentation_node(node: Any, reference: Volume) -> Volume:
     to_world_lps = _RAS_FROM_LPS @ _node_to_world(node)
     # Segments often share one labelmap (a layer); resample each shared labelmap once.
     resampled: dict[str, np.ndarray] = {}
-    labels = np.zeros(reference.array_zyx.shape, dtype=np.uint8)
-    for index, value in plan:
+
+    def voxels_of(index: int) -> np.ndarray:
         segment = segmentation.GetSegment(segment_ids[index])
         labelmap = segment.GetRepresentation(BINARY_LABELMAP)
         key = labelmap.GetAddressAsString("vtkObject")
         if key not in resampled:
             resampled[key] = _labelmap_on_grid(labelmap, to_world_lps, reference)
-        labels[resampled[key] == segment.GetLabelValue()] = value
+        return resampled[key] == segment.GetLabelValue()
+
+    if refuse_others:
+        planned = {index for index, _ in plan}
+        for index, description in enumerate(descriptions):
+            if index not in planned and voxels_of(index).any():
+                raise AirwayInputError(
+                    f"Segment {description.get('name', '?')!r} of {node.GetName()!r} holds voxels but is not an airway "
+                    "segment, so it would be left out; rename it 'airway' (or a class name) or delete it."
+                )
+    labels = np.zeros(reference.array_zyx.shape, dtype=np.uint8)
+    for index, value in plan:
+        labels[voxels_of(index)] = value
     return Volume(labels, reference.geometry)
 
 
