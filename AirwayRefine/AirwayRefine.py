@@ -292,7 +292,8 @@ class AirwayRefineWidget(BackgroundTaskWidget):
                 request = self.logic.prepareCenterlines(
                     parameters.outputSegmentation, parameters.inputVolume, parameters.centerlinesFolder
                 )
-                self._startTask(request, AirwayRefineLogic.runCenterlines, self._importCenterlines)
+                self._startTask(request, AirwayRefineLogic.runCenterlines, self._importCenterlines,
+                                commits=bool(request.outputFolder))
         finally:
             self._updateGui()
 
@@ -315,7 +316,7 @@ class AirwayRefineWidget(BackgroundTaskWidget):
                         detailedText="\n".join(str(path) for path in request.existing),
                     )
                 if request.overwrite or not request.existing:
-                    self._startTask(request, AirwayRefineLogic.runTrainingPair, self._showTrainingPair)
+                    self._startTask(request, AirwayRefineLogic.runTrainingPair, self._showTrainingPair, commits=True)
         finally:
             self._updateGui()
 

@@ -233,9 +233,10 @@ class BackgroundTaskWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.statusLabel.text = _("Cancelling after the current step...")
         self._updateGui()
 
-    def _startTask(self, request, runner: Callable, onResult: Callable) -> None:
-        """Run ``runner(request, progress, cancel)`` in the background; ``onResult(result, request)`` gets its result."""
-        self._task = BackgroundSegmentation(request, runner)
+    def _startTask(self, request, runner: Callable, onResult: Callable, commits: bool = False) -> None:
+        """Run ``runner(request, progress, cancel)`` in the background; ``onResult(result, request)`` gets its result.
+        ``commits``: the runner writes files as its last step (:class:`BackgroundSegmentation`)."""
+        self._task = BackgroundSegmentation(request, runner, commits=commits)
         self._onTaskResult = onResult
         self._task.start()
         self._pollTimer.start()
@@ -445,9 +446,12 @@ class BackgroundSegmentation:
         status.result.labels  # or status.error / status.cancelled
     """
 
-    def __init__(self, request: "SegmentationRequest", runner: Optional[Callable] = None) -> None:
+    def __init__(self, request: "SegmentationRequest", runner: Optional[Callable] = None, *, commits: bool = False) -> None:
         self.request = request
         self._runner = runner or AirwaySegmentationLogic.run
+        # A runner that writes files as its last step: once it has returned, the files exist,
+        # so its final report (fraction 1) does not raise and a late cancel keeps the result.
+        self._commits = commits
         self._cancel = threading.Event()
         self._lock = threading.Lock()
         self._status = SegmentationStatus(message=_("Starting"))
@@ -476,7 +480,7 @@ class BackgroundSegmentation:
         with self._lock:
             self._status.fraction = fraction
             self._status.message = message
-        if self._cancel.is_set():
+        if self._cancel.is_set() and not (self._commits and fraction >= 1.0):
             from AirwaySegmentationLib.progress import Cancelled
 
             raise Cancelled(message)
@@ -495,8 +499,9 @@ class BackgroundSegmentation:
         with self._lock:
             for key, value in outcome.items():
                 setattr(self._status, key, value)
-            # A cancel that came too late to stop the work still discards the result.
-            if self._cancel.is_set() and self._status.error is None:
+            # A cancel that came too late to stop the work still discards the result, unless
+            # the work committed files (then the result says where they are).
+            if self._cancel.is_set() and self._status.error is None and not (self._commits and "result" in outcome):
                 self._status.cancelled = True
                 self._status.result = None
             self._status.finished = True

@@ -484,6 +484,29 @@ def test_a_late_cancel_discards_the_result(module) -> None:
     assert status.cancelled and status.result is None
 
 
+def test_a_cancel_during_a_committing_write_keeps_the_written_result(module, tmp_path) -> None:
+    """Cancel pressed while a training pair or centerline files are written: the files exist, so
+    the task ends with their paths, not "cancelled"; a cancel before the write still stops it."""
+    from AirwaySegmentationLib.progress import report
+
+    def writer(request, progress, cancel):
+        report(progress, 0.0, "writing")
+        cancel.set()  # the user presses Cancel while the file is written
+        (tmp_path / "written.txt").write_text("pair")
+        report(progress, 1.0, "written")
+        return tmp_path / "written.txt"
+
+    task = module.BackgroundSegmentation("request", writer, commits=True)
+    task.start()
+    status = _wait(task)
+    assert not status.cancelled and status.result == tmp_path / "written.txt" and status.error is None
+    (tmp_path / "written.txt").unlink()
+    task = module.BackgroundSegmentation("request", writer, commits=True)
+    task.cancel()
+    task.start()
+    assert _wait(task).cancelled and not (tmp_path / "written.txt").exists()
+
+
 # --- the Logic on a real MRML scene (slicer-core wheel) ---------------------------------------
 
 
