@@ -248,14 +248,15 @@ class AirwayRefineWidget(BackgroundTaskWidget):
         self._refinement = refinement
         table = self.ui.breaksTableWidget
         wasBlocked = table.blockSignals(True)
-        rows = breakTableRows(refinement.breaks) if refinement is not None else []
+        breaks = refinement.breaks if refinement is not None else []  # built once: each call builds every record
+        rows = breakTableRows(breaks)
         table.setRowCount(len(rows))
         for row, values in enumerate(rows):
             for column, text in enumerate(values):
                 item = qt.QTableWidgetItem(text)
                 item.setFlags(qt.Qt.ItemIsSelectable | qt.Qt.ItemIsEnabled)
-                if refinement.breaks[row].get("rejected"):  # why the widening guard refused (part of) its bridge
-                    item.setToolTip(refinement.breaks[row]["rejected"])
+                if breaks[row].get("rejected"):  # why the widening guard refused (part of) its bridge
+                    item.setToolTip(breaks[row]["rejected"])
                 table.setItem(row, column, item)
         table.blockSignals(wasBlocked)
         if refinement is not None:
@@ -526,8 +527,10 @@ class AirwayRefineLogic(ScriptedLoadableModuleLogic):
         from AirwayRefineLib.refine import merge_selected
         from AirwaySegmentationLib import mrml
 
-        labels, mergedIds, componentsAfter = merge_selected(refinement.stage1, refinement.result.prediction, breakIds)
         segmentation = refinement.segmentation
+        if segmentation.GetScene() is None:
+            raise ValueError(f"The refined segmentation {segmentation.GetName()!r} was deleted; run the refinement again.")
+        labels, mergedIds, componentsAfter = merge_selected(refinement.stage1, refinement.result.prediction, breakIds)
         mrml.segmentation_node_from_labels(
             labels, segmentation.GetScene(), segmentation.GetName(), reference_node=refinement.inputVolume, node=segmentation
         )

@@ -15,6 +15,8 @@ exactly what is stubbed.
 
 from __future__ import annotations
 
+import dataclasses
+
 import ast
 import importlib.metadata
 import importlib.util
@@ -746,6 +748,11 @@ def test_connect_selected_or_none_refills_the_refined_node_only(refine_module, b
         logic.connectBreaks(selected, [unbridged], showResult=False)
     assert case.scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 2
     np.testing.assert_array_equal(mrml.labels_from_segmentation_node(case.stage1_node, case.ct).array_zyx, case.labels.array_zyx)
+    # The refined node deleted in the meantime: no "connected" into a node outside the scene.
+    gone = case.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "deleted")
+    case.scene.RemoveNode(gone)
+    with pytest.raises(ValueError, match="'deleted' was deleted; run the refinement again"):
+        logic.connectBreaks(dataclasses.replace(refinement, segmentation=gone), "all", showResult=False)
 
 
 def test_refine_fills_chosen_nodes_but_never_an_input(refine_module, broken_airway_scene, oracle) -> None:
