@@ -225,7 +225,8 @@ def test_empty_final_labels_still_give_a_report(case, tmp_path):
     png_path, html_path = write_report(tmp_path, **{**case, "labels_after": empty, "centerlines": None})
     assert imread(png_path).shape[:2] == (REPORT_SIZE_PX[1], REPORT_SIZE_PX[0])
     page = html_path.read_text(encoding="utf-8")
-    assert "the final labels are empty" in page and "<tr><th>components after</th><td>0</td></tr>" in page
+    assert "The final labels are empty: there is no airway tree to show in 3-D." in page and "fallback" not in page
+    assert "<tr><th>components after</th><td>0</td></tr>" in page
 
 
 def test_an_error_while_writing_keeps_no_file(case, tmp_path, monkeypatch):

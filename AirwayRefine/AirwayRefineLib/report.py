@@ -160,10 +160,10 @@ def write_report(
     rows = _table_rows(labels_before, labels_after, breaks, centerlines, summary)
     # Text is drawn as given: a "$" in a file or model name is no mathtext (it failed to parse).
     with matplotlib.rc_context({"text.parse_math": False}):
-        figure, fallback_reason = _figure(ct, labels_after, attention, breaks, rows, title)
+        figure, note = _figure(ct, labels_after, attention, breaks, rows, title)
         with atomic_outputs([png_path, html_path]) as (png_tmp, html_tmp):
             figure.savefig(png_tmp, format="png", dpi=_DPI)
-            html_tmp.write_text(_html_page(title, png_tmp.read_bytes(), rows, breaks, fallback_reason), encoding="utf-8")
+            html_tmp.write_text(_html_page(title, png_tmp.read_bytes(), rows, breaks, note), encoding="utf-8")
     return png_path, html_path
 
 
@@ -310,7 +310,7 @@ def _figure(
     rows: list[tuple[str, str]],
     title: str,
 ) -> tuple[Figure, str | None]:
-    """The report figure, and why the 3-D panel fell back to matplotlib (None when it did not)."""
+    """The report figure, and a note on the 3-D panel when it shows no VTK rendering (None when it does)."""
     width, height = REPORT_SIZE_PX
     figure = Figure(figsize=(width / _DPI, height / _DPI), dpi=_DPI, facecolor="white")
     grid = figure.add_gridspec(
@@ -324,14 +324,22 @@ def _figure(
     view = _spl_view(ct)
     ct_spl = view.array(ct.array_zyx)
     labels_spl = view.array(labels_after.array_zyx)
-    fallback_reason = None
-    try:
-        rendering = _render_tree_vtk(labels_after, breaks)
-    except Exception as error:  # noqa: BLE001 - the picture must never stop the pipeline
-        fallback_reason = f"{type(error).__name__}: {error}".strip().rstrip(":")
-        _scatter_tree(figure.add_subplot(grid[0, 0], projection="3d"), labels_after, breaks, fallback_reason)
+    note = None
+    if not labels_after.array_zyx.any():
+        note = "The final labels are empty: there is no airway tree to show in 3-D."
+        axes = figure.add_subplot(grid[0, 0])
+        axes.set_axis_off()
+        axes.set_title("(a) 3-D tree, front view", fontsize=11)
+        axes.text(0.5, 0.5, "no airway: the final labels are empty", ha="center", va="center", fontsize=11)
     else:
-        _show_rendering(figure.add_subplot(grid[0, 0]), rendering)
+        try:
+            rendering = _render_tree_vtk(labels_after, breaks)
+        except Exception as error:  # noqa: BLE001 - the picture must never stop the pipeline
+            reason = f"{type(error).__name__}: {error}".strip().rstrip(":")
+            note = f"The 3-D view is a fallback matplotlib scatter: VTK offscreen rendering failed ({reason})."
+            _scatter_tree(figure.add_subplot(grid[0, 0], projection="3d"), labels_after, breaks, reason)
+        else:
+            _show_rendering(figure.add_subplot(grid[0, 0]), rendering)
     _coronal_minip(figure.add_subplot(grid[0, 1]), view, ct_spl, labels_spl, breaks)
     _break_list(figure.add_subplot(grid[0, 2]), breaks)
     attention_spl = view.array(attention.array_zyx)
@@ -341,7 +349,7 @@ def _figure(
     colourbar = figure.colorbar(attention_image, cax=axial.inset_axes((1.04, 0.15, 0.05, 0.7)))
     colourbar.set_label("breakage attention", fontsize=9)
     _table(figure.add_subplot(grid[:, 3]), rows)
-    return figure, fallback_reason
+    return figure, note
 
 
 def _legend_handles() -> list[Artist]:
@@ -720,7 +728,7 @@ th { background: #f0f0f0; }
 
 
 def _html_page(
-    title: str, png: bytes, rows: list[tuple[str, str]], breaks: list[dict], fallback_reason: str | None
+    title: str, png: bytes, rows: list[tuple[str, str]], breaks: list[dict], note: str | None
 ) -> str:
     """A page that needs nothing else: the figure as a data URI, the table and the break list."""
     escape = html.escape
@@ -732,11 +740,8 @@ def _html_page(
         f'<img alt="{escape(title)}: 3-D tree, coronal MinIP, axial slices and summary" '
         f'src="data:image/png;base64,{base64.b64encode(png).decode("ascii")}">',
     ]
-    if fallback_reason is not None:
-        parts.append(
-            f'<p class="note">The 3-D view is a fallback matplotlib scatter: VTK offscreen rendering '
-            f"failed ({escape(fallback_reason)}).</p>"
-        )
+    if note is not None:
+        parts.append(f'<p class="note">{escape(note)}</p>')
     parts.append("<h2>Summary</h2><table>")
     parts += [f"<tr><th>{escape(name)}</th><td>{escape(value)}</td></tr>" for name, value in rows]
     parts.append("</table><h2>Breaks</h2>")
