@@ -16,6 +16,7 @@ from AirwayRefineLib.centerline import (
     read_centerlines,
     route,
     write_branch_table,
+    write_centerlines,
     write_markups,
     write_route,
     write_vtp,
@@ -340,3 +341,17 @@ def test_an_airway_cut_by_the_image_border_has_its_centerline_run_to_the_border(
     heights = tree.branches[0].points_xyz[:, 2]
     assert heights.max() == pytest.approx(39.0) and heights.min() == pytest.approx(0.0)
     assert tree.branches[0].length_mm == pytest.approx(39.0, abs=0.5)
+
+
+def test_the_centerline_files_are_written_all_or_none(y_tree, tmp_path, monkeypatch):
+    tree, _, _ = y_tree
+    paths = write_centerlines(tree, tmp_path)
+    before = {path.name: path.read_bytes() for path in paths}
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(centerline, "write_branch_table", full_disk)  # the last of the four files fails
+    with pytest.raises(OSError):
+        write_centerlines(centerline.CenterlineTree(tree.branches[:1]), tmp_path)
+    assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == before

@@ -902,10 +902,13 @@ def centerline_file(
 
 
 def write_centerlines(tree: CenterlineTree, out_dir: str | os.PathLike) -> list[Path]:
-    """Write :data:`CENTERLINE_FILES` of ``tree`` into ``out_dir`` (created if needed); returns their paths."""
-    out_dir = output_folder(out_dir)
-    paths = [write_vtp(tree, out_dir / CENTERLINE_FILES[0]), write_markups(tree, out_dir / CENTERLINE_FILES[1])]
-    paths += write_branch_table(tree, out_dir / CENTERLINE_FILES[2], out_dir / CENTERLINE_FILES[3])
+    """Write :data:`CENTERLINE_FILES` of ``tree`` into ``out_dir`` (created if needed), all or none;
+    returns their paths."""
+    paths = [output_folder(out_dir) / name for name in CENTERLINE_FILES]
+    with atomic_outputs(paths) as (vtp_tmp, markups_tmp, csv_tmp, json_tmp):
+        write_vtp(tree, vtp_tmp)
+        write_markups(tree, markups_tmp)
+        write_branch_table(tree, csv_tmp, json_tmp)
     return paths
 
 
