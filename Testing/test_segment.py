@@ -378,6 +378,9 @@ def test_cli_single_file_writes_a_manifest_skips_when_finished_and_redoes_on_new
     assert _mtimes(out) == before
     assert main(command + ["--threads", "1", "--batch-size", "2"]) == 0  # speed settings change no output
     assert "0 done, 1 skipped" in capsys.readouterr().out
+    if not torch.cuda.is_available():  # "auto" resolves to the CPU that did the run: nothing to redo
+        assert main(command[:-2]) == 0
+        assert "0 done, 1 skipped" in capsys.readouterr().out
 
     assert main(command + ["--overlap", "0.5"]) == 0
     assert "1 done, 0 skipped" in capsys.readouterr().out

@@ -425,6 +425,10 @@ def segment_files(
     inference = settings.as_dict()
     for speed_only in ("threads", "batch_size"):
         inference.pop(speed_only)
+    # The device and precision as they resolve here, not as asked: "auto" on a CPU and "cpu"
+    # give the same outputs (not redone), "auto" on a CPU and then on a GPU do not (redone).
+    device = resolve_device(settings.device)
+    inference.update(device=device.type, precision=str(resolve_precision(settings.precision, device)).removeprefix("torch."))
     run_settings = {
         "version": __version__,
         "model_sha256": loaded.card["sha256"],  # checked against the weights by load_model
