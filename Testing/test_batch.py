@@ -103,6 +103,15 @@ def test_folder_is_a_collection_of_images_and_dicom_subfolders(tmp_path):
     assert cases == [Case("a", root / "a.nrrd"), Case("b", root / "b_0000.nii.gz"), Case("patient9", root / "patient9")]
 
 
+def test_a_dicomdir_beside_series_folders_leaves_them_a_collection(tmp_path):
+    root = tmp_path / "medium"
+    for name in ("p1", "p2"):
+        write_dicom_folder(root / name)
+    (root / "DICOMDIR").write_bytes(bytes(128) + b"DICM" + b"directory records")
+    cases, is_collection = find_inputs(root)
+    assert is_collection and [c.name for c in cases] == ["p1", "p2"]
+
+
 def test_dataset_folder_uses_its_image_folders(tmp_path):
     write_ct(tmp_path / "imagesTr" / "ATM_001_0000.nii.gz")
     write_ct(tmp_path / "labelsTr" / "ATM_001.nii.gz")

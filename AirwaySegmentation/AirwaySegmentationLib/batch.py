@@ -129,8 +129,9 @@ def _is_dicom_file(path: Path) -> bool:
 
 
 def _holds_dicom(folder: Path) -> bool:
-    """True when ``folder`` directly holds at least one DICOM file."""
-    return any(_is_dicom_file(path) for path in _visible_entries(folder))
+    """True when ``folder`` directly holds at least one DICOM file other than a DICOMDIR (the
+    index a DICOM medium keeps at its top, beside the folders of its series)."""
+    return any(_is_dicom_file(path) and path.name.upper() != "DICOMDIR" for path in _visible_entries(folder))
 
 
 def _case_name(path: Path) -> str:
