@@ -19,6 +19,7 @@ from AirwaySegmentationLib.losses import (
     DiceFocalLoss,
     GeneralUnionLoss,
     TangUnionLoss,
+    general_union_ratio,
     local_imbalance_weight,
 )
 
@@ -87,6 +88,33 @@ def test_tang_union_loss_is_zero_for_a_perfect_prediction():
     target = torch.from_numpy(tube_label((8, 8, 8), radius=1.0, center=(4, 4))).long()[None]
     loss = TangUnionLoss(rng=np.random.default_rng(1))
     assert float(loss(confident_logits(target, 2), target)) == pytest.approx(0.0, abs=1e-3)
+
+
+@pytest.mark.parametrize("form", ["gul", "printed"])
+def test_tang_union_loss_reads_eq_2_as_configured(form):
+    """"gul": the probability's root (1 / beta) and background weight 1; "printed": p^beta and
+    w_p on every voxel.  A thick tube puts background of weight < 1 beside it."""
+    target = torch.from_numpy(tube_label((16, 16, 16), radius=4.0, center=(8, 8))).long()[None]
+    probability = torch.rand(target.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 0.98 + 0.01
+    airway = target.double()
+    w_p = local_imbalance_weight(airway, 2.5)
+    assert float(w_p[airway == 0].min()) < 0.5  # background the printed form weights down
+    weight, exponent = (w_p * airway + (1 - airway), 0.5) if form == "gul" else (w_p, 2.0)
+    expected = general_union_ratio(probability, airway, weight, 0.5, exponent, 1.0)
+    loss = TangUnionLoss(root_range=(2.5, 2.5), form=form)
+    assert float(loss(binary_logits(probability), target)) == pytest.approx(float(expected), abs=1e-9)
+
+
+def test_tang_union_loss_as_printed_pushes_a_missed_airway_voxel_down():
+    """90 airway voxels found (p = 0.95), 10 missed (p = 0.05), no background: the root form
+    raises the missed ones, eq. 2 as printed lowers them further."""
+    probability = torch.tensor([0.95] * 90 + [0.05] * 10, dtype=torch.float64).reshape(1, 1, 10, 10)
+    target = torch.ones(probability.shape, dtype=torch.long)
+    for form, sign in (("gul", -1.0), ("printed", 1.0)):
+        logits = binary_logits(probability).requires_grad_()
+        TangUnionLoss(root_range=(2.5, 2.5), form=form)(logits, target).backward()
+        missed = logits.grad[0, 0][probability[0] < 0.5]
+        assert torch.all(torch.sign(missed) == sign), form
 
 
 def test_local_imbalance_weight_is_higher_in_a_thin_tube_than_in_a_thick_one():

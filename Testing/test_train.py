@@ -614,7 +614,10 @@ def test_a_stage1_run_saved_before_tasks_existed_resumes(tmp_path) -> None:
     sidecar = json.loads(checkpoint["sidecar"])
     for key in ("task", "connection"):
         del sidecar["config"][key]
+    del sidecar["config"]["loss"]["tang_form"]  # nor loss.tang_form: Tang's eq. 2 as printed was the only form
     checkpoint["sidecar"] = json.dumps(sidecar)
     torch.save(checkpoint, tmp_path / "last.pt")
-    longer = config_from_dict(tiny(schedule={"epochs": 2, "iterations_per_epoch": 1}, sampling={"hard_mining_every": 0}))
-    assert train(longer, tmp_path).epochs == 2
+    longer = tiny(schedule={"epochs": 2, "iterations_per_epoch": 1}, sampling={"hard_mining_every": 0})
+    with pytest.raises(AirwayInputError, match="another configuration"):
+        train(config_from_dict(longer), tmp_path)  # the default form is now "gul"
+    assert train(config_from_dict({**longer, "loss": {"tang_form": "printed"}}), tmp_path).epochs == 2

@@ -35,6 +35,8 @@ from torch import nn
 #: Offset added to probabilities before the root in the GUL intersection (WingsNet code):
 #: d/dp p^0.7 is infinite at p = 0.
 _PROBABILITY_OFFSET = 1e-4
+#: Readings of Tang's eq. 2 (:class:`TangUnionLoss`).
+TANG_FORMS = ("gul", "printed")
 
 
 def _at_least_float32(logits: torch.Tensor) -> torch.Tensor:
@@ -264,24 +266,31 @@ def local_imbalance_weight(
 class TangUnionLoss(_UnionLoss):
     """Weighted union ("weight Dice") loss of Tang, eq. 2, with ``w = w_p + w_d`` (eq. 5).
 
-    Tang eq. 2 is ``1 - sum w p^beta g / sum w (p + g)`` with ``beta = 2`` (the power of
-    the predicted probability in the intersection).  We write it in the General Union form
-    with ``a = 0.5``, i.e. with Dice's factor 2 (``1 - 2 sum w p^beta g / sum w (p + g)``),
-    so that a perfect prediction scores 0 as for every other Dice-type loss here (as printed
-    the minimum is 0.5); the smoothing 1 and the 1e-4 offset are the General Union loss's.
-    We keep ``beta = 2`` as printed, a power: it asks for confident airway voxels but gives
-    almost no gradient to a missed one (p -> 0), unlike the General Union loss's root
-    (0.7); ``beta < 1`` gives that root form if training shows the need.
+    Tang eq. 2 is printed ``1 - sum w p^beta g / sum w (p + g)`` with ``beta = 2``, and
+    introduced as "the general union loss [2]".  We write it in the General Union form with
+    ``a = 0.5``, i.e. with Dice's factor 2, so that a perfect prediction scores 0 as for every
+    other Dice-type loss here (as printed the minimum is 0.5); the smoothing 1 and the 1e-4
+    offset are the General Union loss's.  The paper contradicts itself, so ``form`` chooses:
+
+    - ``"gul"`` (default): ``p^(1/beta)``, a root as in the General Union loss it names
+      (``p^0.7``), and ``w_p`` on airway voxels only, background weight 1, as in the code of
+      Tang's ref. [1] (Zheng's local-imbalance weight: ``weight**r * label + (1 - label)``);
+    - ``"printed"``: ``p^beta`` as printed and ``w_p`` on every voxel.  Its gradient on an
+      airway voxel with ``p`` below about a quarter of the current overlap ratio points the
+      wrong way: a missed airway voxel is pushed further down.  The bundled stage-1 models
+      were trained with it (their configs say so).
 
     ``w_p`` (eq. 3) is computed here from the target with a root ``r`` drawn per sample from
     U[``root_range``] with the ``rng`` given; ``w_d`` (eq. 4) is passed in, from
-    :func:`AirwaySegmentationLib.loss_weights.centerline_distance_weight`.  Tang's schedule:
-    plain Dice, then ``w = w_p`` (no ``centerline_weight``), then ``w = w_p + w_d``.
+    :func:`AirwaySegmentationLib.loss_weights.centerline_distance_weight` (0 outside the
+    lumen).  Tang's schedule: plain Dice, then ``w = w_p`` (no ``centerline_weight``), then
+    ``w = w_p + w_d``.
 
     Parameters
     ----------
     beta : float
-        Power of the probability in the intersection (2).
+        Tang's beta (2): the root (``"gul"``) or power (``"printed"``) of the probability in
+        the intersection.
     root_range : tuple of float
         Range of the uniform draw of ``r`` (2, 3).
     floor : float
@@ -290,6 +299,8 @@ class TangUnionLoss(_UnionLoss):
         Neighbourhood of eq. 1 (7).
     rng : numpy.random.Generator or None
         Source of the ``r`` draws; ``None`` makes a fresh unseeded generator.
+    form : {"gul", "printed"}
+        How eq. 2 is read (above).
 
     Shapes
     ------
@@ -304,8 +315,14 @@ class TangUnionLoss(_UnionLoss):
         floor: float = 0.05,
         box_size: int = 7,
         rng: np.random.Generator | None = None,
+        form: str = "gul",
     ) -> None:
-        super().__init__(alpha=0.5, exponent=beta, smooth=1.0)
+        if form not in TANG_FORMS:
+            raise ValueError(f"form must be one of {', '.join(TANG_FORMS)}, got {form!r}")
+        if beta <= 0.0:
+            raise ValueError(f"beta must be > 0, got {beta}")
+        super().__init__(alpha=0.5, exponent=1.0 / beta if form == "gul" else beta, smooth=1.0)
+        self.form = form
         if not 0.0 < root_range[0] <= root_range[1]:
             raise ValueError(
                 f"root_range must be (low, high) with 0 < low <= high, got {root_range}"
@@ -326,6 +343,8 @@ class TangUnionLoss(_UnionLoss):
         _check_weight(centerline_weight, airway)
         roots = torch.as_tensor(self.rng.uniform(*self.root_range, size=airway.shape[0]))
         weight = local_imbalance_weight(airway, roots, self.box_size, self.floor)
+        if self.form == "gul":
+            weight = weight * airway + (1.0 - airway)  # background weight 1 (Tang's ref. [1])
         if centerline_weight is not None:
             weight = weight + centerline_weight.to(weight.dtype)  # Tang, eq. 5
         return self._ratio(probability, airway, weight)  # Tang, eq. 2 (with Dice's factor 2)

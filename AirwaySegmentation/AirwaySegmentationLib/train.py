@@ -277,7 +277,7 @@ class TrainingLoss(nn.Module):
         self.config = config
         self.schedule = schedule
         # Tang's random roots r ~ U[2, 3]; reseeded every epoch by the loop.
-        self.tang = TangUnionLoss(rng=np.random.default_rng(0))
+        self.tang = TangUnionLoss(rng=np.random.default_rng(0), form=self.config.tang_form)
         union = self.config.name if self.config.name in UNION_LOSSES else self.config.union
         if union == "tang":
             phases = [
@@ -576,10 +576,16 @@ def _comparable(config: dict) -> dict:
 
     Stage-1 runs saved before configs had a ``task`` and a ``[connection]`` table compare
     equal to the same run now: a missing task is "segmentation", whose runs ignore
-    ``[connection]``.
+    ``[connection]``; a missing ``loss.tang_form`` is "printed", the only form then.
     """
     config = {**config, "schedule": {**config["schedule"], "epochs": None}}
     config["data"] = {**config["data"], "load_workers": None}
+    # Runs saved before loss.tang_form existed used Tang's eq. 2 as printed; a run without
+    # Tang's loss does not depend on the setting.
+    loss = {"tang_form": "printed", **config["loss"]}
+    if not (loss["name"] == "tang" or (loss["name"] == "deeptree" and loss.get("union", "tang") == "tang")):
+        loss.pop("tang_form")
+    config["loss"] = loss
     config.setdefault("task", "segmentation")
     if config["task"] == "segmentation":
         config.pop("connection", None)

@@ -34,6 +34,7 @@ import torch
 from .data import DEFAULT_MARGIN_MM
 from .errors import AirwayInputError
 from .inference_settings import BLENDINGS, DEVICES, PRECISIONS
+from .losses import TANG_FORMS
 from .networks import NETWORKS, build_network
 from .phantom import PHANTOM_VARIANTS
 from .sampling import CropMix
@@ -284,6 +285,12 @@ class LossConfig:
         The Dice terms of ``dice_ce``, ``dice_focal`` and DeepTree's per-class term: one ratio
         over the batch (True) or one per sample, averaged (False, nnU-Net's ``batch_dice``).
         The union losses always sum over the batch.
+    tang_form : {"gul", "printed"}
+        How Tang's eq. 2 is read (:class:`~AirwaySegmentationLib.losses.TangUnionLoss`):
+        ``gul`` (default) takes the probability's root and weights background 1, as the
+        General Union loss it names; ``printed`` takes its square and weights every voxel,
+        as printed, which pushes missed airway voxels further down.  The bundled stage-1
+        models were trained with ``printed``.
     """
 
     name: str = "deeptree"
@@ -292,9 +299,11 @@ class LossConfig:
     distillation_weight: float = 0.1
     distillation_channel: bool = False
     batch_dice: bool = True
+    tang_form: str = "gul"
 
     def __post_init__(self) -> None:
         _check(self.name in LOSSES, "name", f"one of {', '.join(LOSSES)}", self.name)
+        _check(self.tang_form in TANG_FORMS, "tang_form", f"one of {', '.join(TANG_FORMS)}", self.tang_form)
         _check(self.union in UNION_LOSSES, "union", f"one of {', '.join(UNION_LOSSES)}", self.union)
         _check(self.distillation_weight >= 0, "distillation_weight", "a number >= 0", self.distillation_weight)
 
