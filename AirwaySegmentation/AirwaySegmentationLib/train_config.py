@@ -285,12 +285,12 @@ class LossConfig:
         The Dice terms of ``dice_ce``, ``dice_focal`` and DeepTree's per-class term: one ratio
         over the batch (True) or one per sample, averaged (False, nnU-Net's ``batch_dice``).
         The union losses always sum over the batch.
-    tang_form : {"gul", "printed"}
+    tang_form : {"printed", "gul"}
         How Tang's eq. 2 is read (:class:`~AirwaySegmentationLib.losses.TangUnionLoss`):
-        ``gul`` (default) takes the probability's root and weights background 1, as the
-        General Union loss it names; ``printed`` takes its square and weights every voxel,
-        as printed, which pushes missed airway voxels further down.  The bundled stage-1
-        models were trained with ``printed``.
+        ``printed`` (default) takes the probability's square and weights every voxel, as
+        printed (its gradient pushes missed airway voxels further down, yet it measured the
+        better BD; the bundled stage-1 models were trained with it); ``gul`` takes the root
+        and weights background 1, as the General Union loss the paper names.
     """
 
     name: str = "deeptree"
@@ -299,7 +299,7 @@ class LossConfig:
     distillation_weight: float = 0.1
     distillation_channel: bool = False
     batch_dice: bool = True
-    tang_form: str = "gul"
+    tang_form: str = "printed"
 
     def __post_init__(self) -> None:
         _check(self.name in LOSSES, "name", f"one of {', '.join(LOSSES)}", self.name)
