@@ -328,12 +328,18 @@ def input_fingerprint(path: Path) -> dict:
     return {"path": str(resolved), "files": len(files), "sha256": digest.hexdigest()}
 
 
-def _is_finished(case_dir: Path, fingerprint: dict, settings: dict) -> bool:
+def _read_manifest(case_dir: Path) -> dict:
+    """The manifest in ``case_dir``; an empty dict when there is none or it is unreadable."""
     try:
         manifest = json.loads((case_dir / MANIFEST_NAME).read_text())
     except (OSError, ValueError):
-        return False
-    outputs = manifest.get("outputs") if isinstance(manifest, dict) else None
+        return {}
+    return manifest if isinstance(manifest, dict) else {}
+
+
+def _is_finished(case_dir: Path, fingerprint: dict, settings: dict) -> bool:
+    manifest = _read_manifest(case_dir)
+    outputs = manifest.get("outputs")
     return (
         isinstance(outputs, list)
         and manifest.get("input") == fingerprint
@@ -397,10 +403,7 @@ def _run_case(
 
 def _manifest_outputs(case_dir: Path) -> list[str]:
     """The file names an earlier manifest in ``case_dir`` lists (plain names only), else none."""
-    try:
-        outputs = json.loads((case_dir / MANIFEST_NAME).read_text()).get("outputs")
-    except (OSError, ValueError, AttributeError):
-        return []
+    outputs = _read_manifest(case_dir).get("outputs")
     if not isinstance(outputs, list):
         return []
     return [name for name in outputs if isinstance(name, str) and name and Path(name).name == name]

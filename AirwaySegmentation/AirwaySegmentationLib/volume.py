@@ -253,19 +253,18 @@ def _check_nifti_complete(path: Path) -> None:
     """Refuse a NIfTI file cut short (a copy or download that stopped): ITK reads the missing
     voxels as zeros without a word."""
     compressed = _suffix(path) == ".nii.gz"
-    if compressed:
-        with open(path, "rb") as stream:
-            if stream.read(2) != b"\x1f\x8b":
-                return  # not gzip at all: ITK says what it is not
     try:
         if compressed:
-            with gzip.open(path, "rb") as stream:
-                expected = _nifti_bytes(stream.read(540))
             # The gzip trailer holds the data's length (mod 2^32); only a mismatch costs a full
             # decompression (a file of several gzip members has the last one's length there).
             with open(path, "rb") as stream:
+                magic = stream.read(2)
                 stream.seek(-4, os.SEEK_END)
                 trailer = struct.unpack("<I", stream.read(4))[0]
+            if magic != b"\x1f\x8b":
+                return  # not gzip at all: ITK says what it is not
+            with gzip.open(path, "rb") as stream:
+                expected = _nifti_bytes(stream.read(540))
             if expected is None or trailer == expected % 2**32:
                 return
             with gzip.open(path, "rb") as stream:
